@@ -1,0 +1,104 @@
+"""The Python API: `blockdraft.load(...)` returns a Decoder whose `.generate(...)` mirrors the CLI.
+
+    >>> import blockdraft
+    >>> dec = blockdraft.load()                      # SmolLM2-135M-Instruct + shipped heads
+    >>> out = dec.generate("Name three rivers.", method="bpd", max_new_tokens=64)
+    >>> out.text, out.block_efficiency
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .engine import DecodeConfig, generate
+from .errors import BlockdraftError
+from .heads import DraftHeads, load_heads
+from .methods import resolve
+from .models import DEFAULT_MODEL, LoadedModel, load_model, model_fingerprint
+from .prompting import encode_chat
+from .target import TargetModel
+from .types import DecodeResult
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def shipped_heads(model: str) -> Path | None:
+    """The heads bundled with the package for a model alias, if any."""
+    path = ASSETS / "heads" / model
+    return path if (path / "config.json").exists() else None
+
+
+class Decoder:
+    """A loaded target model plus its drafting parts; one generate() call per prompt."""
+
+    def __init__(self, loaded: LoadedModel, heads: DraftHeads | None, heads_path: str | None, topk: int = 1):
+        self.loaded, self.heads, self.heads_path, self.topk = loaded, heads, heads_path, topk
+        self.target = TargetModel(loaded.model)
+        self.record = False  # keep lattices and drafts per step (analysis)
+        self.extras: dict = {}  # refiner resources loaded on demand (n-gram LM, rescorer)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def require_heads(self) -> DraftHeads:
+        if self.heads is None:
+            raise BlockdraftError(
+                f"no draft heads for model {self.loaded.name!r}: pass --heads PATH (train them with "
+                "`blockdraft train-heads`) or use --method ar"
+            )
+        return self.heads
+
+    def stop_ids(self) -> tuple[int, ...]:
+        eos = self.loaded.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    def encode(self, prompt: str | list[str], answers: list[str] | None = None, raw: bool = False) -> list[int]:
+        turns = [prompt] if isinstance(prompt, str) else list(prompt)
+        return encode_chat(self.tokenizer, turns, answers, raw=raw)
+
+    def generate(self, prompt: str | list[str] | None = None, *, ids: list[int] | None = None, method: str = "bpd",
+                 max_new_tokens: int = 128, raw: bool = False, stop: tuple[str, ...] = (),
+                 answers: list[str] | None = None, on_text=None, record: bool = False) -> DecodeResult:
+        """Greedy generation; `method` names a drafter + refiner (see blockdraft.methods)."""
+        if ids is None:
+            if prompt is None:
+                raise BlockdraftError("give a prompt or ids")
+            ids = self.encode(prompt, answers, raw)
+        self.record = record
+        drafter, refiner = resolve(method)(self)
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids(), stop_strings=tuple(stop),
+                           record_lattices=record)
+        return generate(self.target, drafter, refiner, list(ids), cfg, self.tokenizer,
+                        on_commit=_text_streamer(self.tokenizer, on_text) if on_text else None)
+
+
+def _text_streamer(tokenizer, on_text):
+    """Turn committed ids into text deltas (decoding the whole answer keeps multi-byte tokens right)."""
+    seen: list[int] = []
+    shown = [""]
+
+    def push(new: list[int]) -> None:
+        seen.extend(new)
+        text = tokenizer.decode(seen, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown[0]):
+            on_text(text[len(shown[0]):])
+            shown[0] = text
+
+    return push
+
+
+def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str = "float32",
+         device: str | None = None, topk: int = 1) -> Decoder:
+    """Load a target model and draft heads. heads="default" picks the shipped heads when they exist."""
+    loaded = load_model(model, dtype, device)
+    path = str(shipped_heads(model)) if heads == "default" and shipped_heads(model) else (None if heads == "default" else heads)
+    draft_heads = None
+    if path:
+        draft_heads = load_heads(path, dtype=loaded.model.dtype, device=loaded.device)
+        draft_heads.check_compatible(loaded.model, model_fingerprint(loaded.model))
+    return Decoder(loaded, draft_heads, path, topk)

@@ -1,0 +1,132 @@
+"""Command line: thin commands that build a config, call the library and print the result."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import BlockdraftError
+from .models import DEFAULT_MODEL
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="HF model id, local directory or alias (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def _load(args):
+    from .models import load_model
+    return load_model(args.model, args.dtype, args.device)
+
+
+def cmd_generate(args) -> None:
+    import blockdraft
+
+    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
+    stream = None if args.json else (lambda text: print(text, end="", flush=True))
+    result = dec.generate(args.prompt, method=args.method, max_new_tokens=args.max_new_tokens, raw=args.raw,
+                          stop=tuple(args.stop or ()), on_text=stream)
+    summary = {"text": result.text, "method": args.method, "model": args.model, "heads": dec.heads_path,
+               "new_tokens": result.new_tokens, "steps": result.steps,
+               "block_efficiency": round(result.block_efficiency, 4), "seconds": round(result.seconds, 4),
+               "tokens_per_s": round(result.new_tokens / result.seconds, 2) if result.seconds else 0.0,
+               "prefill_seconds": round(result.prefill_s, 4), "stop_reason": result.stop_reason}
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+    else:
+        print(f"\n\n[{args.method}] {summary['new_tokens']} tokens in {summary['steps']} steps "
+              f"(block efficiency {summary['block_efficiency']:.2f}), {summary['seconds']:.2f} s, "
+              f"{summary['tokens_per_s']:.1f} tokens/s, stop: {summary['stop_reason']}", file=sys.stderr)
+
+
+def cmd_distill(args) -> None:
+    from .train.distill import DistillConfig, distill
+    cfg = DistillConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    path = distill(_load(args), args.prompts, args.out, cfg)
+    print(f"distillation data in {path}")
+
+
+def cmd_train_heads(args) -> None:
+    from .train.heads import HeadsTrainConfig, train_heads
+    cfg = HeadsTrainConfig(num_heads=args.num_heads, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                           batch_positions=args.batch_positions, max_tokens=args.max_tokens)
+    _, report = train_heads(_load(args), args.data, args.out, cfg, resume=args.resume)
+    print("held-out accuracy per draft head (head j predicts the token j+1 after the hidden state):")
+    for j, (a1, a5) in enumerate(zip(report["top1"], report["top5"]), start=1):
+        print(f"  head {j}: top-1 {a1:.3f}  top-5 {a5:.3f}")
+    print(f"heads saved to {args.out}")
+
+
+def cmd_train_rescorer(args) -> None:
+    from .train.rescorer import RescorerTrainConfig, train_rescorer
+    cfg = RescorerTrainConfig(hidden_size=args.hidden_size, layers=args.layers, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    info = train_rescorer(_load(args), args.data, args.out, cfg)
+    print(f"rescorer saved to {args.out} (held-out loss {info['training']['heldout_loss']})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockdraft", description="Lossless blockwise parallel decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text greedily, losslessly accelerated by block drafts")
+    _model_args(p)
+    p.add_argument("--prompt", required=True, help="the user message (chat template applied unless --raw)")
+    p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
+    p.add_argument("--method", default="bpd", help="ar (plain decoding), bpd (default) or a refined method")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("distill", help="self-distillation data: the model's own greedy answers to prompts")
+    _model_args(p)
+    p.add_argument("--prompts", required=True, help="JSONL with 'id' and 'turns' (see `blockdraft prompts`)")
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=0, help="0: 16 on CPU, 384 on GPU")
+    p.add_argument("--limit", type=int, default=0, help="at most N new prompts this run")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("train-heads", help="train draft heads on distillation data")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
+    p.add_argument("--out", required=True, help="folder for the heads (safetensors + config.json)")
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-positions", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=0, help="train on at most N positions (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.set_defaults(func=cmd_train_heads)
+
+    p = sub.add_parser("train-rescorer", help="train the small causal LM used for local neural rescoring")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--hidden-size", type=int, default=96)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_rescorer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except BlockdraftError as exc:
+        print(f"blockdraft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blockdraft: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Drafters turn the state after a step into a lattice of candidates for the next block.
+
+A drafter reads the final hidden state at the last accepted position (already computed by
+the step's single target forward) and the committed ids; it never calls the target.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .heads import DraftHeads
+from .types import Lattice
+
+
+class Drafter(Protocol):
+    def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice | None:
+        """hidden [H] at the last accepted node; context = prompt + committed ids."""
+        ...
+
+
+class NoDrafter:
+    """Plain autoregressive decoding: an empty draft, so each step commits one token."""
+
+    def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice | None:
+        return None
+
+
+class HeadsDrafter:
+    """BPD heads on the hidden state: the top-k of each draft head is one lattice row."""
+
+    def __init__(self, heads: DraftHeads, lm_head: torch.nn.Module, topk: int = 1, num_heads: int | None = None,
+                 with_entropy: bool = False):
+        self.heads, self.lm_head, self.topk = heads, lm_head, topk
+        self.num_heads = min(num_heads or heads.num_heads, heads.num_heads)
+        self.with_entropy = with_entropy
+
+    @torch.inference_mode()
+    def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice:
+        logits = self.heads.logits(hidden[None], self.lm_head)[0, : self.num_heads].float()  # [K, V]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top = logprobs.topk(self.topk, dim=-1)
+        entropy = -(logprobs.exp() * logprobs).sum(-1) if self.with_entropy else None  # [K]
+        return Lattice(tokens=top.indices.cpu(), logprobs=top.values.cpu(), entropy=None if entropy is None else entropy.cpu())

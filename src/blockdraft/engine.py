@@ -1,0 +1,116 @@
+"""The decode loop: prefill, then per step ONE target forward over [pending token + draft tree].
+
+Each step (Stern et al. 2018, with Kim et al. 2024's refinement stage):
+  1. tree    = the pending token + the drafts of the previous step, shared prefixes merged
+  2. forward = one target call: logits and hidden state at every tree node
+  3. accept  = the longest tree path that equals the target's greedy choices, plus the
+               target's own next token (bonus or recovered): `committed` tokens
+  4. commit  = the cache keeps the path only (invariant: cache length == len(ids) - 1)
+  5. draft   = heads on the hidden state of the last accepted node -> lattice -> refiner ->
+               drafts for the next step (no extra target call)
+Plain decoding is the same loop with an empty draft, so comparisons are fair.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .drafting import Drafter
+from .errors import BlockdraftError
+from .refine.base import Refiner
+from .target import TargetModel
+from .tree import build_tree
+from .types import DecodeResult, Lattice, StepStats
+from .verify import accept_greedy
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    max_new_tokens: int = 128
+    stop_ids: tuple[int, ...] = ()  # end-of-sequence ids; the first one ends the answer
+    stop_strings: tuple[str, ...] = ()  # text that ends the answer (trimmed from `text`)
+    max_tree_nodes: int | None = None  # cap on draft-tree nodes per step (None: no cap)
+    record_lattices: bool = False  # keep each step's lattice and draft in StepStats
+
+
+def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: list[int], cfg: DecodeConfig,
+             tokenizer=None, on_commit: Callable[[list[int]], None] | None = None) -> DecodeResult:
+    """Greedy decoding with block drafts; the ids equal the target's own greedy decode."""
+    _check_request(target, prompt, cfg)
+    prefill_s = target.prefill(prompt[:-1])
+    ids, out, stats = list(prompt), [], []
+    drafts: list[list[int]] = []
+    lattice: Lattice | None = None
+    reason, began = "", time.perf_counter()
+    while not reason:
+        # 1. the tree: pending token + drafts, limited by the token budget and the context
+        depth = min(cfg.max_new_tokens - len(out) - 1, target.max_positions - len(ids))
+        tree = build_tree(ids[-1], [d[:depth] for d in drafts], cfg.max_tree_nodes)
+        # 2. one target forward; 3. greedy acceptance
+        t0 = time.perf_counter()
+        logits, hidden = target.forward(tree)
+        verdict = accept_greedy(tree, logits.argmax(-1))
+        # 4. commit the accepted path and the target's own next token
+        target.commit(tree, verdict.path)
+        new = [tree.tokens[n] for n in verdict.path[1:]] + [verdict.next_token]
+        forward_s = time.perf_counter() - t0
+        kept, reason = _apply_stops(new, out, cfg, tokenizer)
+        target.rollback(len(new) - len(kept))  # keep the invariant when a stop cuts the block
+        new = kept
+        ids += new
+        out += new
+        if on_commit and new:
+            on_commit(new)
+        if not reason and len(ids) >= target.max_positions:
+            reason = "context"
+        # 5. draft the next block from the last accepted node's hidden state
+        t1 = time.perf_counter()
+        verified = (lattice, drafts[0] if drafts else None)
+        if not reason:
+            refiner.accept(ids)
+            lattice = drafter.propose(hidden[verdict.path[-1]], ids)
+            drafts = refiner.refine(lattice, ids) if lattice is not None else []
+        stats.append(StepStats(drafted=max(tree.depths), tree_nodes=tree.size,
+                               accepted=verdict.n_accepted, committed=len(new), forward_s=forward_s,
+                               draft_s=time.perf_counter() - t1,
+                               lattice=verified[0] if cfg.record_lattices else None,
+                               draft=verified[1] if cfg.record_lattices else None))
+    text = _final_text(out, cfg, tokenizer)
+    return DecodeResult(ids=out, text=text, steps=len(stats), stop_reason=reason, prefill_s=prefill_s,
+                        decode_s=time.perf_counter() - began, stats=stats)
+
+
+def _check_request(target: TargetModel, prompt: list[int], cfg: DecodeConfig) -> None:
+    if not prompt:
+        raise BlockdraftError("empty prompt: give some text to continue")
+    if cfg.max_new_tokens <= 0:
+        raise BlockdraftError(f"max_new_tokens must be positive, got {cfg.max_new_tokens}")
+    if len(prompt) >= target.max_positions:
+        raise BlockdraftError(
+            f"prompt has {len(prompt)} tokens but the model's context holds {target.max_positions}; shorten it"
+        )
+
+
+def _apply_stops(new: list[int], out: list[int], cfg: DecodeConfig, tokenizer) -> tuple[list[int], str]:
+    """Cut the step's tokens at the first stop id, stop string or the token budget."""
+    for i, token in enumerate(new):
+        if token in cfg.stop_ids:
+            return new[: i + 1], "eos"
+    if cfg.stop_strings and tokenizer is not None:
+        for i in range(len(new)):
+            text = tokenizer.decode(out + new[: i + 1], skip_special_tokens=True)
+            if any(s in text for s in cfg.stop_strings):
+                return new[: i + 1], "stop_string"
+    room = cfg.max_new_tokens - len(out)
+    if len(new) >= room:
+        return new[:room], "max_new_tokens"
+    return new, ""
+
+
+def _final_text(out: list[int], cfg: DecodeConfig, tokenizer) -> str:
+    if tokenizer is None:
+        return ""
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    cuts = [text.find(s) for s in cfg.stop_strings if s in text]
+    return text[: min(cuts)] if cuts else text

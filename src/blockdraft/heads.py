@@ -1,0 +1,109 @@
+"""Draft heads: the block-draft predictors of blockwise parallel decoding.
+
+Numbering used everywhere in blockdraft: the base model's own output is the paper's "head 1"
+and predicts the next token x[t+1] from the hidden state h[t]. Draft head j (j = 1..K,
+the paper's head j+1) predicts x[t+1+j] from the same h[t]. Each draft head is one residual
+feed-forward block, h + SiLU(W h + b) (Stern et al. 2018; Medusa-1), followed by the base
+model's own frozen output projection, so a head adds only H*H + H parameters.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import BlockdraftError
+
+WEIGHTS_FILE = "heads.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "blockdraft-heads/1"
+
+
+@dataclass
+class HeadsConfig:
+    num_heads: int  # K draft heads; head j predicts the token j+1 positions after h[t]
+    hidden_size: int  # H of the base model
+    vocab_size: int  # V of the base model's output projection
+    base_model: str = ""  # the model spec the heads were trained for
+    base_fingerprint: str = ""  # models.model_fingerprint of that model
+    training: dict = field(default_factory=dict)  # data, tokens, epochs, seed, time, accuracy...
+
+
+class DraftHeads(nn.Module):
+    """K residual SiLU blocks on the last hidden state, sharing the base output projection."""
+
+    def __init__(self, config: HeadsConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.blocks = nn.ModuleList(nn.Linear(h, h) for _ in range(config.num_heads))
+        for block in self.blocks:  # zero-init: every head starts as the base model's next-token guess
+            nn.init.zeros_(block.weight)
+            nn.init.zeros_(block.bias)
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> head states [..., K, H] (project with the base lm_head for logits)."""
+        hidden = hidden.to(self.blocks[0].weight.dtype)
+        return torch.stack([hidden + nn.functional.silu(b(hidden)) for b in self.blocks], dim=-2)
+
+    def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """hidden [..., H] -> draft logits [..., K, V] through the shared frozen projection."""
+        states = self(hidden).to(lm_head.weight.dtype)
+        return lm_head(states)
+
+    def check_compatible(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
+        """Refuse heads made for another model: sizes always, weights when both fingerprints exist."""
+        cfg = model.config
+        got = (getattr(cfg, "hidden_size", None), model.get_output_embeddings().weight.shape[0])
+        want = (self.config.hidden_size, self.config.vocab_size)
+        if got != want:
+            raise BlockdraftError(
+                f"draft heads were trained for a model with hidden size {want[0]} and vocabulary {want[1]} "
+                f"({self.config.base_model or 'unknown model'}), but this model has {got[0]} and {got[1]}"
+            )
+        if fingerprint and self.config.base_fingerprint and fingerprint != self.config.base_fingerprint:
+            raise BlockdraftError(
+                f"draft heads were trained for {self.config.base_model!r} (weights {self.config.base_fingerprint}), "
+                f"not this model (weights {fingerprint}); train heads for it with `blockdraft train-heads`"
+            )
+
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+        """Write safetensors weights + a JSON config into `folder`."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=2) + "\n")
+        return folder
+
+
+def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DraftHeads:
+    """Load heads saved by DraftHeads.save; a missing or corrupt checkpoint is a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
+        raise BlockdraftError(f"no draft heads at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text())
+        if raw.pop("format", None) != FORMAT:
+            raise ValueError(f"format is not {FORMAT}")
+        config = HeadsConfig(**raw)
+        state = load_file(str(folder / WEIGHTS_FILE))
+        heads = DraftHeads(config)
+        heads.load_state_dict(state)
+    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, OSError) as exc:
+        raise BlockdraftError(f"corrupt draft-heads checkpoint at {folder}: {str(exc).splitlines()[0][:200]}") from None
+    return heads.to(device=device, dtype=dtype).eval().requires_grad_(False)

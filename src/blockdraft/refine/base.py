@@ -1,0 +1,26 @@
+"""The refiner protocol and the identity refiner (plain BPD: the argmax of every head)."""
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..types import Lattice
+
+
+class Refiner(Protocol):
+    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
+        """Drafts, best first; deterministic given the lattice and the committed ids."""
+        ...
+
+    def accept(self, context: list[int]) -> None:
+        """Called after each commit with the new committed ids (stateful refiners roll back here)."""
+        ...
+
+
+class ArgmaxRefiner:
+    """One draft: each head's top-1 token (Stern et al.'s block draft)."""
+
+    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
+        return [lattice.tokens[:, 0].tolist()]
+
+    def accept(self, context: list[int]) -> None:
+        pass

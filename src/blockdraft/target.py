@@ -1,0 +1,94 @@
+"""The target (base) model: one forward per step, and the only owner of the KV cache.
+
+Cache invariant (checked by the tests after every step): the cache holds the first
+len(committed) - 1 tokens of prompt + generated text. The last committed token is *pending*:
+each step feeds it, followed by the draft tree, in one call; `commit` then keeps the pending
+token and the accepted nodes, and the target's own next token becomes the new pending token.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from .errors import BlockdraftError
+from .tree import TokenTree
+
+
+class TargetModel:
+    """Adapter over an unmodified Hugging Face CausalLM whose logits are lm_head(final hidden)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.body = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.cache = None
+        self.calls = 0  # forwards since the last reset, the prefill included
+        # transformers >= 5.2x calls the cache argument `cache`; earlier 5.x `past_key_values`
+        params = inspect.signature(self.body.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def cache_length(self) -> int:
+        return self.cache.get_seq_length() if self.cache is not None else 0
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.calls = 0
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> float:
+        """Fill the cache with `ids` (the prompt without its last token); returns seconds."""
+        self.reset()
+        began = time.perf_counter()
+        if ids:
+            x = torch.tensor([ids], device=self.device)
+            self.body(input_ids=x, use_cache=True, **{self._cache_arg: self.cache})
+            self.calls += 1
+        return time.perf_counter() - began
+
+    @torch.inference_mode()
+    def forward(self, tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor]:
+        """ONE target call over the tree; returns logits [N, V] and final hidden states [N, H]."""
+        past, dev = self.cache_length, self.device
+        x = torch.tensor([tree.tokens], device=dev)
+        positions = torch.tensor([tree.depths], device=dev) + past
+        kwargs = {}
+        if not tree.is_chain:  # causal within the tree = attend to ancestors only
+            dtype = self.lm_head.weight.dtype
+            allowed = torch.cat([torch.ones(tree.size, past, dtype=torch.bool), tree.ancestor_mask()], dim=1)
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            kwargs["attention_mask"] = mask[None, None].to(dev)
+        kwargs[self._cache_arg] = self.cache
+        out = self.body(input_ids=x, position_ids=positions, use_cache=True, **kwargs)
+        self.calls += 1
+        hidden = out.last_hidden_state[0]  # [N, H]
+        return self.lm_head(hidden), hidden
+
+    def rollback(self, tokens: int) -> None:
+        """Drop the last `tokens` cached positions (an answer cut short inside a block)."""
+        if tokens > 0:
+            self.cache.crop(-tokens)
+
+    def commit(self, tree: TokenTree, path: list[int]) -> None:
+        """Keep only the path's nodes (root first) of the tree just verified in the cache."""
+        drop = tree.size - len(path)
+        if path == list(range(len(path))):  # a prefix of the fed tokens: crop by length
+            if drop:
+                self.cache.crop(-drop)
+            return
+        past = self.cache_length - tree.size
+        keep = torch.tensor(list(range(past)) + [past + n for n in path], device=self.device)
+        for layer in self.cache.layers:
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise BlockdraftError("token-tree verification needs a plain dynamic KV cache (no sliding window)")
+            layer.keys = layer.keys.index_select(-2, keep)
+            layer.values = layer.values.index_select(-2, keep)

@@ -1,0 +1,86 @@
+"""Test helpers: tiny random-weight models and drafters that force chosen verification paths.
+
+Importable by users who want to test their own drafters against the losslessness contract.
+"""
+from __future__ import annotations
+
+import torch
+
+from .heads import DraftHeads, HeadsConfig
+from .types import Lattice
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, vocab: int = 64, hidden: int = 32,
+               layers: int = 2, max_positions: int = 256):
+    """A random-weight Llama-architecture CausalLM built from a config (never downloaded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # larger weights than the default init: less flat, more varied greedy text
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.requires_grad_(False)
+
+
+def random_heads(model, num_heads: int, seed: int = 0) -> DraftHeads:
+    """Heads with random (not zero) weights, matching the model's sizes."""
+    torch.manual_seed(seed)
+    cfg = HeadsConfig(num_heads=num_heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+    heads = DraftHeads(cfg).to(next(model.parameters()).dtype)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.5)
+    return heads.eval()
+
+
+@torch.inference_mode()
+def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding the slow, obvious way: a full forward over the whole sequence per token."""
+    ids, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(token)
+        out.append(token)
+        if token in stop_ids:
+            break
+    return out
+
+
+class FixedDepthDrafter:
+    """Returns an empty K-row lattice so that a scripted refiner is consulted every step."""
+
+    def __init__(self, depth: int):
+        self.depth = depth
+
+    def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice:
+        return Lattice(tokens=torch.zeros(self.depth, 1, dtype=torch.long), logprobs=torch.zeros(self.depth, 1))
+
+
+class ScriptedRefiner:
+    """Drafts derived from the known greedy answer, to force any acceptance pattern.
+
+    `wrong_at` per draft: the first draft position that is corrupted (None: fully right, 0: all
+    wrong). Corrupted tokens are (right + 1) % vocab, so they never match.
+    """
+
+    def __init__(self, prompt_len: int, answer: list[int], depth: int, vocab: int,
+                 wrong_at: list[int | None] = (None,)):
+        self.prompt_len, self.answer, self.depth, self.vocab = prompt_len, answer, depth, vocab
+        self.wrong_at = list(wrong_at)
+
+    def accept(self, context: list[int]) -> None:
+        pass
+
+    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
+        done = len(context) - self.prompt_len
+        truth = (self.answer[done:done + self.depth] + [0] * self.depth)[: self.depth]
+        drafts = []
+        for wrong in self.wrong_at:
+            cut = self.depth if wrong is None else wrong
+            drafts.append(truth[:cut] + [(t + 1) % self.vocab for t in truth[cut:]])
+        return drafts

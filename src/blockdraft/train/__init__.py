@@ -1,0 +1,1 @@
+"""Training of the drafting side: self-distillation data, draft heads, rescorers."""

@@ -1,0 +1,235 @@
+"""Training draft heads by self-distillation on a frozen base model.
+
+Data: the records written by `blockdraft distill`. For every answer position t (from the last
+prompt token on) the base model's final hidden state h[t] is computed once and cached on disk
+(float16). Draft head j learns x[t+1+j] with cross-entropy through the frozen shared output
+projection (equal head weights, as in the paper). AdamW, linear warm-up, cosine decay,
+gradient clipping; a held-out split by sequence; checkpoints every epoch for --resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import BlockdraftError
+from ..heads import DraftHeads, HeadsConfig
+from ..jsonl import read_jsonl
+from ..models import LoadedModel, model_fingerprint
+from .distill import DATA_FILE, META_FILE
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class HeadsTrainConfig:
+    num_heads: int = 4  # K draft heads
+    epochs: int = 2
+    lr: float = 2e-3  # peak learning rate after warm-up
+    batch_positions: int = 512  # answer positions per optimiser step
+    warmup: float = 0.05  # share of steps spent warming up
+    weight_decay: float = 0.0
+    clip: float = 1.0  # gradient-norm clip
+    heldout: float = 0.05  # share of sequences held out for accuracy
+    seed: int = 0
+    max_tokens: int = 0  # use at most this many answer positions (0: all)
+
+
+@dataclass
+class PositionData:
+    hidden: torch.Tensor  # [N, H] float16, h[t] of each training position
+    targets: torch.Tensor  # [N, K] long, x[t+1+j] for head j, IGNORE past the answer's end
+    sequences: int
+
+
+def load_sequences(data_dir: Path) -> tuple[list[tuple[list[int], int]], dict]:
+    """[(prompt + answer ids, prompt length)] and the distillation meta."""
+    meta_path = Path(data_dir) / META_FILE
+    if not meta_path.exists():
+        raise BlockdraftError(f"{data_dir} is not a distillation folder (no {META_FILE}); run `blockdraft distill`")
+    def check(rec: dict) -> str | None:
+        ok = isinstance(rec.get("prompt_ids"), list) and isinstance(rec.get("answer_ids"), list)
+        return None if ok and rec["answer_ids"] else "missing or empty 'prompt_ids'/'answer_ids'"
+    seqs = [(rec["prompt_ids"] + rec["answer_ids"], len(rec["prompt_ids"]), rec.get("source", ""))
+            for _, rec in read_jsonl(Path(data_dir) / DATA_FILE, check, on_error="skip")]
+    if not seqs:
+        raise BlockdraftError(f"{data_dir}/{DATA_FILE} holds no usable records")
+    return seqs, json.loads(meta_path.read_text())
+
+
+@torch.inference_mode()
+def hidden_states(loaded: LoadedModel, seqs: list, cache: Path, batch_tokens: int = 8192) -> torch.Tensor:
+    """Final hidden state at every answer-predicting position, concatenated over sequences, cached."""
+    spans = [len(ids) - plen for ids, plen, _ in seqs]  # positions plen-1 .. len-2
+    total, size = sum(spans), loaded.model.config.hidden_size
+    if cache.exists() and cache.stat().st_size == total * size * 2:
+        return torch.from_numpy(np.fromfile(cache, dtype=np.float16).reshape(total, size))
+    out = torch.empty((total, size), dtype=torch.float16)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    offsets = np.concatenate([[0], np.cumsum(spans)])
+    body, dev = loaded.model.get_decoder(), loaded.device
+    with tqdm(total=total, desc="hidden states", unit="tok") as bar:
+        i = 0
+        while i < len(order):
+            width = len(seqs[order[i]][0])
+            group = [order[i]]
+            while i + len(group) < len(order) and (len(group) + 1) * len(seqs[order[i + len(group)]][0]) <= batch_tokens:
+                group.append(order[i + len(group)])
+            width = max(len(seqs[g][0]) for g in group)
+            ids = torch.zeros((len(group), width), dtype=torch.long)
+            for r, g in enumerate(group):  # right padding: causal attention never sees it
+                ids[r, : len(seqs[g][0])] = torch.tensor(seqs[g][0])
+            h = body(input_ids=ids.to(dev)).last_hidden_state.to("cpu", torch.float16)
+            for r, g in enumerate(group):
+                ids_g, plen, _ = seqs[g]
+                out[offsets[g]:offsets[g + 1]] = h[r, plen - 1: len(ids_g) - 1]
+            bar.update(int(sum(spans[g] for g in group)))
+            i += len(group)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    out.numpy().tofile(cache)
+    return out
+
+
+def head_targets(seqs: list, num_heads: int) -> torch.Tensor:
+    """targets[n, j-1] = x[t+1+j] for draft head j at position t; IGNORE past the sequence end."""
+    rows = []
+    for ids, plen, _ in seqs:
+        arr = np.asarray(ids, dtype=np.int64)
+        t = np.arange(plen - 1, len(ids) - 1)  # [T]
+        idx = t[:, None] + 1 + np.arange(1, num_heads + 1)[None, :]  # [T, K]
+        tgt = np.where(idx < len(ids), arr[np.minimum(idx, len(ids) - 1)], IGNORE)
+        rows.append(tgt)
+    return torch.from_numpy(np.concatenate(rows))
+
+
+def split_positions(seqs: list, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Position indices of train and held-out sequences (split by sequence, not by token)."""
+    spans = np.array([len(ids) - plen for ids, plen, _ in seqs])
+    offsets = np.concatenate([[0], np.cumsum(spans)])
+    order = list(range(len(seqs)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, int(len(seqs) * heldout)) if len(seqs) > 1 else 0
+    held = set(order[:n_held])
+    pick = lambda keep: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in range(len(seqs)) if (i in held) == keep] or [np.zeros(0, dtype=np.int64)])
+    return pick(False), pick(True)
+
+
+def head_losses(heads: DraftHeads, proj: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy per head [K] and the logits [B, K, V] of one batch."""
+    logits = heads(hidden) @ proj.T  # [B, K, V]
+    k = targets.shape[1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="none").view(-1, k)
+    valid = (targets != IGNORE).float()
+    return (loss * valid).sum(0) / valid.sum(0).clamp(min=1), logits
+
+
+@torch.no_grad()
+def evaluate(heads: DraftHeads, proj: torch.Tensor, data: PositionData, idx: np.ndarray, batch: int) -> dict:
+    """Per-head top-1 / top-5 accuracy and loss on the given positions."""
+    k, dev = heads.num_heads, proj.device
+    hits1, hits5, count, loss_sum = torch.zeros(k), torch.zeros(k), torch.zeros(k), torch.zeros(k)
+    for first in range(0, len(idx), batch):
+        sel = torch.from_numpy(idx[first:first + batch])
+        h, tgt = data.hidden[sel].to(dev, torch.float32), data.targets[sel].to(dev)
+        losses, logits = head_losses(heads, proj, h, tgt)
+        top5 = logits.topk(5, dim=-1).indices  # [B, K, 5]
+        valid = tgt != IGNORE
+        hits1 += ((top5[..., 0] == tgt) & valid).sum(0).cpu()
+        hits5 += ((top5 == tgt[..., None]).any(-1) & valid).sum(0).cpu()
+        n = valid.sum(0).cpu()
+        count += n
+        loss_sum += losses.cpu() * n
+    count = count.clamp(min=1)
+    return {"top1": (hits1 / count).tolist(), "top5": (hits5 / count).tolist(), "loss": (loss_sum / count).tolist(),
+            "positions": int(len(idx))}
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _prepare_out(out: Path, resume: bool, fingerprint: str) -> Path:
+    ckpt = out / "checkpoint.pt"
+    if resume:
+        if not ckpt.exists():
+            raise BlockdraftError(f"--resume: no checkpoint at {ckpt}")
+    elif out.exists() and any(out.iterdir()):
+        raise BlockdraftError(f"{out} already holds another run; use a new --out folder or --resume")
+    out.mkdir(parents=True, exist_ok=True)
+    return ckpt
+
+
+def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg: HeadsTrainConfig,
+                resume: bool = False) -> tuple[DraftHeads, dict]:
+    """Train K draft heads on distillation data; returns the heads and the held-out report."""
+    out, data_dir = Path(out), Path(data_dir)
+    fingerprint = model_fingerprint(loaded.model)
+    ckpt_path = _prepare_out(out, resume, fingerprint)
+    seqs, meta = load_sequences(data_dir)
+    if meta.get("model_fingerprint") not in (None, fingerprint):
+        raise BlockdraftError(f"{data_dir} was distilled from another model ({meta.get('model')}); distill again for this one")
+    torch.manual_seed(cfg.seed)
+    data = PositionData(hidden_states(loaded, seqs, data_dir / f"hidden-{fingerprint}.f16"),
+                        head_targets(seqs, cfg.num_heads), len(seqs))
+    train_idx, held_idx = split_positions(seqs, cfg.heldout, cfg.seed)
+    if cfg.max_tokens:
+        train_idx = train_idx[: cfg.max_tokens]
+    dev = loaded.device
+    proj = loaded.model.get_output_embeddings().weight.detach().to(torch.float32)  # [V, H], frozen
+    heads_cfg = HeadsConfig(num_heads=cfg.num_heads, hidden_size=proj.shape[1], vocab_size=proj.shape[0],
+                            base_model=loaded.name, base_fingerprint=fingerprint)
+    heads = DraftHeads(heads_cfg).to(dev)
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_positions)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, max(1, int(cfg.warmup * total))))
+    start_epoch, elapsed = 0, 0.0
+    if resume:
+        state = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        if state["fingerprint"] != fingerprint or state["config"] != asdict(cfg):
+            raise BlockdraftError(f"{ckpt_path} was made for another model or configuration; cannot resume")
+        heads.load_state_dict(state["heads"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        start_epoch, elapsed = state["epoch"], state["elapsed"]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for epoch in range(start_epoch):  # replay the shuffles so a resumed run sees the same order
+        torch.randperm(len(train_idx), generator=gen)
+    for epoch in range(start_epoch, cfg.epochs):
+        began = time.time()
+        perm = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
+        for step in bar:
+            sel = torch.from_numpy(perm[step * cfg.batch_positions:(step + 1) * cfg.batch_positions])
+            h, tgt = data.hidden[sel].to(dev, torch.float32), data.targets[sel].to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                losses, logits = head_losses(heads, proj, h, tgt)
+            opt.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.clip)
+            opt.step(); sched.step()
+            if step % 20 == 0:
+                acc = ((logits.argmax(-1) == tgt) & (tgt != IGNORE)).float().sum(0) / (tgt != IGNORE).float().sum(0).clamp(min=1)
+                bar.set_postfix(loss=f"{losses.mean().item():.3f}", top1="/".join(f"{a:.2f}" for a in acc.tolist()))
+        elapsed += time.time() - began
+        torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "epoch": epoch + 1, "elapsed": elapsed, "fingerprint": fingerprint, "config": asdict(cfg)}, ckpt_path)
+    report = evaluate(heads, proj, data, held_idx, cfg.batch_positions)
+    sources = sorted({s for _, _, s in seqs if s})
+    heads.config.training = {
+        "data": str(data_dir), "sources": sources, "sequences": len(seqs), "train_positions": int(len(train_idx)),
+        "heldout_positions": report["positions"], "epochs": cfg.epochs, "seed": cfg.seed, "config": asdict(cfg),
+        "train_seconds": round(elapsed, 1), "device": str(dev), "heldout_top1": report["top1"],
+        "heldout_top5": report["top5"], "heldout_loss": report["loss"], "distill": meta,
+    }
+    heads.save(out)
+    return heads, report

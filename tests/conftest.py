@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+from blockdraft.testing import tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """Tiny random Llamas keyed by (seed, dtype); built once per session."""
+    cache = {}
+
+    def get(seed: int = 0, dtype: torch.dtype = torch.float64):
+        if (seed, dtype) not in cache:
+            cache[(seed, dtype)] = tiny_llama(seed, dtype)
+        return cache[(seed, dtype)]
+
+    return get
