@@ -29,6 +29,12 @@ def shipped_heads(model: str) -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
+def shipped_refiner(model: str, name: str) -> Path | None:
+    """A bundled refiner resource (`ngram.npz` or the `rescorer` folder) for a model alias."""
+    path = ASSETS / "refiners" / model / name
+    return path if path.exists() else None
+
+
 class Decoder:
     """A loaded target model plus its drafting parts; one generate() call per prompt."""
 
@@ -36,7 +42,30 @@ class Decoder:
         self.loaded, self.heads, self.heads_path, self.topk = loaded, heads, heads_path, topk
         self.target = TargetModel(loaded.model)
         self.record = False  # keep lattices and drafts per step (analysis)
-        self.extras: dict = {}  # refiner resources loaded on demand (n-gram LM, rescorer)
+        self.category: str | None = None  # benchmark category of the current prompt (picks tuned alpha)
+        self.ngram_path = shipped_refiner(loaded.name, "ngram.npz")
+        self.rescorer_path = shipped_refiner(loaded.name, "rescorer")
+        self._ngram = self._rescorer = None
+
+    def ngram(self):
+        """The token n-gram LM of the global rescoring methods (loaded once)."""
+        from .refine.ngram import NgramLM
+
+        if self._ngram is None:
+            if self.ngram_path is None:
+                raise BlockdraftError(f"no n-gram LM for {self.loaded.name!r}: train one with `blockdraft train-ngram` and pass --ngram")
+            self._ngram = NgramLM.load(self.ngram_path, vocab_size=self.target.lm_head.weight.shape[0])
+        return self._ngram
+
+    def rescorer(self):
+        """The small LM of local neural rescoring (loaded once)."""
+        from .refine.neural import load_rescorer
+
+        if self._rescorer is None:
+            if self.rescorer_path is None:
+                raise BlockdraftError(f"no rescorer for {self.loaded.name!r}: train one with `blockdraft train-rescorer` and pass --rescorer")
+            self._rescorer = load_rescorer(self.rescorer_path, model_fingerprint(self.loaded.model))
+        return self._rescorer
 
     @property
     def tokenizer(self):
@@ -63,13 +92,14 @@ class Decoder:
 
     def generate(self, prompt: str | list[str] | None = None, *, ids: list[int] | None = None, method: str = "bpd",
                  max_new_tokens: int = 128, raw: bool = False, stop: tuple[str, ...] = (),
-                 answers: list[str] | None = None, on_text=None, record: bool = False) -> DecodeResult:
+                 answers: list[str] | None = None, on_text=None, record: bool = False,
+                 category: str | None = None) -> DecodeResult:
         """Greedy generation; `method` names a drafter + refiner (see blockdraft.methods)."""
         if ids is None:
             if prompt is None:
                 raise BlockdraftError("give a prompt or ids")
             ids = self.encode(prompt, answers, raw)
-        self.record = record
+        self.record, self.category = record, category
         drafter, refiner = resolve(method)(self)
         cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids(), stop_strings=tuple(stop),
                            record_lattices=record)

@@ -50,7 +50,8 @@ def cmd_distill(args) -> None:
 def cmd_train_heads(args) -> None:
     from .train.heads import HeadsTrainConfig, train_heads
     cfg = HeadsTrainConfig(num_heads=args.num_heads, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                           batch_positions=args.batch_positions, max_tokens=args.max_tokens)
+                           batch_positions=args.batch_positions, max_tokens=args.max_tokens,
+                           max_seconds=args.max_seconds)
     _, report = train_heads(_load(args), args.data, args.out, cfg, resume=args.resume)
     print("held-out accuracy per draft head (head j predicts the token j+1 after the hidden state):")
     for j, (a1, a5) in enumerate(zip(report["top1"], report["top5"]), start=1):
@@ -60,9 +61,63 @@ def cmd_train_heads(args) -> None:
 
 def cmd_train_rescorer(args) -> None:
     from .train.rescorer import RescorerTrainConfig, train_rescorer
-    cfg = RescorerTrainConfig(hidden_size=args.hidden_size, layers=args.layers, epochs=args.epochs, lr=args.lr, seed=args.seed)
+    cfg = RescorerTrainConfig(hidden_size=args.hidden_size, layers=args.layers, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                              max_seconds=args.max_seconds)
     info = train_rescorer(_load(args), args.data, args.out, cfg)
     print(f"rescorer saved to {args.out} (held-out loss {info['training']['heldout_loss']})")
+
+
+def cmd_analyze(args) -> None:
+    import blockdraft
+    from .analysis.runner import analyze, parse_topks
+    from .bench.datasets import DEFAULT_PROMPTS, load_questions
+
+    prompts = args.prompts or (DEFAULT_PROMPTS if DEFAULT_PROMPTS.exists() else None)
+    if prompts is None:
+        raise BlockdraftError("no shipped questions found: pass --prompts FILE.jsonl (Spec-Bench format)")
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    questions = load_questions(prompts, categories, args.per_category)
+    topks = parse_topks(args.topk)
+    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
+    report = analyze(dec, questions, topks=topks, max_new_tokens=args.max_new_tokens, out_dir=args.out,
+                     method=args.method)
+    s, k = report["overall"], str(max(topks))
+    print(f"[{args.method}] {len(questions)} questions: block efficiency {s['block_efficiency']:.2f}, "
+          f"oracle top-{k} {s['oracle_be'][k]:.2f}, {s['repetition']['consec_pct'] or 0:.1f}% consecutive "
+          f"repeats, h_max {s['h_max']}; report in {args.out}/analysis.md", file=sys.stderr)
+
+
+def cmd_train_ngram(args) -> None:
+    from .train.ngram import train_ngram_on_distill
+    lm = train_ngram_on_distill(args.data, args.order, tuple(int(x) for x in args.prune.split(",")) if args.prune else 0,
+                                args.out, arpa=args.arpa)
+    print(f"{args.order}-gram LM with {sum(lm.num_ngrams())} n-grams saved to {args.out}")
+
+
+def cmd_tune(args) -> None:
+    import blockdraft
+    from .refine.tune import heldout_records, tune_alpha
+    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
+    dec.ngram_path, dec.rescorer_path = args.ngram or dec.ngram_path, args.rescorer or dec.rescorer_path
+    report = tune_alpha(dec, heldout_records(args.data, args.per_domain), args.kind)
+    path = store_alpha(dec, args.kind, report)
+    print(json.dumps(report["alpha"]), f"stored in {path}")
+
+
+def store_alpha(dec, kind: str, report: dict):
+    """Write the tuned alphas next to the refiner they belong to."""
+    from pathlib import Path
+    from .refine.ngram import NgramLM
+    if kind == "neural":
+        meta_path = Path(dec.rescorer_path) / "rescorer.json"
+        meta = json.loads(meta_path.read_text())
+        meta["alpha"], meta["tuning"] = report["alpha"], report
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        return meta_path
+    lm = NgramLM.load(dec.ngram_path)
+    lm.meta["alpha"], lm.meta["tuning"] = report["alpha"], report
+    lm.save(dec.ngram_path)
+    return dec.ngram_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-positions", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=0, help="train on at most N positions (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=0, help="time budget; the LR schedule shrinks to fit")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.set_defaults(func=cmd_train_heads)
 
@@ -107,11 +163,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--hidden-size", type=int, default=96)
+    p.add_argument("--max-seconds", type=float, default=0, help="time budget; the LR schedule shrinks to fit")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_rescorer)
+
+    p = sub.add_parser("train-ngram", help="train a token n-gram LM (modified Kneser-Ney) on distillation data")
+    p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
+    p.add_argument("--order", type=int, default=4)
+    p.add_argument("--prune", default="2,2,3", help="minimum counts for orders 2..N, comma separated")
+    p.add_argument("--out", required=True, help="output .npz file")
+    p.add_argument("--arpa", default=None, help="also write an ARPA file (KenLM/SRILM interoperable)")
+    p.set_defaults(func=cmd_train_ngram)
+
+    p = sub.add_parser("tune", help="pick the rescoring weight alpha per domain on held-out distillation data")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="folder written by `blockdraft distill` (the heads' held-out split is used)")
+    p.add_argument("--kind", choices=["neural", "ngram"], required=True)
+    p.add_argument("--heads", default=None)
+    p.add_argument("--ngram", default=None, help="n-gram .npz (default: the shipped one)")
+    p.add_argument("--rescorer", default=None, help="rescorer folder (default: the shipped one)")
+    p.add_argument("--per-domain", type=int, default=4, help="held-out sequences per domain")
+    p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("analyze", help="draft analysis: repetition, head entropy, oracle top-k block efficiency")
+    _model_args(p)
+    p.add_argument("--prompts", default=None, help="Spec-Bench JSONL (default: the shipped question_dev.jsonl)")
+    p.add_argument("--categories", default=None, help="comma-separated categories or groups (e.g. mt_bench,qa)")
+    p.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
+    p.add_argument("--topk", default="2,4,8,16", help="candidates per head for the oracle (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--method", default="bpd", help="method whose drafts are analysed (default: %(default)s)")
+    p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
+    p.add_argument("--out", required=True, help="folder for analysis.json, analysis.md and figures")
+    p.set_defaults(func=cmd_analyze)
+
+    from .bench import add_parser as add_bench_parser  # `blockdraft bench`: flags and command in bench/
+    add_bench_parser(sub, _model_args)
     return parser
 
 

@@ -4,6 +4,7 @@ Adding a method is one entry in METHODS: a function (Decoder) -> (drafter, refin
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Callable
 
 from .drafting import Drafter, HeadsDrafter, NoDrafter
@@ -42,5 +43,53 @@ def available() -> list[str]:
     return list(METHODS) + FAMILY_HELP
 
 
-FAMILIES: list[Callable[[str], Factory | None]] = []  # parsers for names like bpd-ngram-p{P}
-FAMILY_HELP: list[str] = []
+LATTICE_TOPK = 16  # candidates per head in the refiners' lattice (the paper's k)
+
+
+def _pbest_family(name: str) -> Factory | None:
+    """bpd-ngram, bpd-ngram-p{P} (n-gram rescored p-best) and bpd-0gram-p{P} (head scores only)."""
+    from .refine.lattice import PBestRefiner
+
+    m = re.fullmatch(r"bpd-(ngram|0gram)(?:-p(\d+))?", name)
+    if m is None or (m.group(1) == "0gram" and m.group(2) is None):
+        return None
+    p = int(m.group(2) or 1)
+
+    def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
+        drafter = HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=LATTICE_TOPK, with_entropy=dec.record)
+        if m.group(1) == "0gram":
+            return drafter, PBestRefiner(None, 0.0, p)
+        lm = dec.ngram()
+        return drafter, PBestRefiner(lm, pick_alpha(lm.meta.get("alpha", {}), dec.category), p)
+
+    return build
+
+
+def _neural_family(name: str) -> Factory | None:
+    from .refine.neural import NeuralRefiner
+
+    if name != "bpd-neural":
+        return None
+
+    def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
+        rescorer = dec.rescorer()
+        drafter = HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=LATTICE_TOPK, with_entropy=dec.record)
+        return drafter, NeuralRefiner(rescorer, pick_alpha(rescorer.alpha, dec.category))
+
+    return build
+
+
+def pick_alpha(table: dict, category: str | None) -> float:
+    """The tuned alpha for a benchmark category (via its training domain), else the default."""
+    domain = CATEGORY_DOMAIN.get(category or "", category)
+    return float(table.get(domain, table.get("default", 1.0)))
+
+
+# Spec-Bench categories -> the training-prompt domain whose held-out prompts tuned alpha.
+CATEGORY_DOMAIN = {"writing": "writing", "roleplay": "roleplay", "reasoning": "chat", "math": "math",
+                   "coding": "coding", "extraction": "rag", "stem": "qa", "humanities": "chat",
+                   "translation": "translation", "summarization": "summarization", "qa": "qa",
+                   "math_reasoning": "math", "rag": "rag"}
+
+FAMILIES: list[Callable[[str], Factory | None]] = [_pbest_family, _neural_family]
+FAMILY_HELP: list[str] = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural"]

@@ -84,3 +84,41 @@ class ScriptedRefiner:
             cut = self.depth if wrong is None else wrong
             drafts.append(truth[:cut] + [(t + 1) % self.vocab for t in truth[cut:]])
         return drafts
+
+
+TINY_WORDS = (
+    "the a an is are was be to of and or in on at for with by from it this that what how why who when "
+    "which write explain name give three two one rivers sky blue story poem email answer question text "
+    "translate summarize code list short about please make user assistant now"
+).split()
+
+
+def tiny_tokenizer(vocab: int = 64):
+    """A word-level chat tokenizer over `vocab` ids (specials included), built offline, so tests
+    can run the chat template, multi-turn encoding and decoding without downloading anything."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>", "<unk>"]
+    words = specials + TINY_WORDS + [".", ",", "?", "!", ":"]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words[:vocab])}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # join words with spaces
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>", pad_token="<|im_end|>", chat_template=template)
+    fast.add_special_tokens({"additional_special_tokens": specials[:2]})
+    return fast
+
+
+def tiny_decoder(seed: int = 0, num_heads: int = 3):
+    """A Decoder around a tiny random Llama, random heads and the tiny tokenizer."""
+    from .api import Decoder
+    from .models import LoadedModel
+
+    model = tiny_llama(seed)
+    return Decoder(LoadedModel(model, tiny_tokenizer(model.config.vocab_size), "tiny"),
+                   random_heads(model, num_heads, seed), None)

@@ -60,7 +60,8 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
     """Generate greedy answers (first turn, chat template) for every prompt not yet in DIR."""
     out = Path(out)
     meta = {"model": loaded.name, "model_fingerprint": model_fingerprint(loaded.model),
-            "max_new_tokens": cfg.max_new_tokens, "prompts": str(prompts_file)}
+            "max_new_tokens": cfg.max_new_tokens, "prompts": str(prompts_file),
+            "vocab_size": loaded.model.get_output_embeddings().weight.shape[0]}
     _check_meta(out, meta)
     data = out / DATA_FILE
     done = {rec["id"] for _, rec in read_jsonl(data, on_error="skip")} if data.exists() else set()
@@ -74,9 +75,10 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
             todo.append((rec, ids))
         if cfg.limit and len(todo) >= cfg.limit:
             break
-    todo.sort(key=lambda item: len(item[1]))  # similar lengths share a batch: less padding
     on_gpu = loaded.device.type == "cuda"
     batch = cfg.batch_size or (384 if on_gpu else 16)
+    window = batch * 8  # sort by length inside windows: little padding, yet the file order (mix) is kept
+    todo = [item for w in range(0, len(todo), window) for item in sorted(todo[w:w + window], key=lambda it: len(it[1]))]
     eos = _stop_ids(loaded)
     new_tokens, start = 0, time.time()
     with data.open("a", encoding="utf-8") as sink, tqdm(total=len(todo), desc="distill", unit="prompt") as bar:

@@ -41,6 +41,7 @@ class HeadsTrainConfig:
     heldout: float = 0.05  # share of sequences held out for accuracy
     seed: int = 0
     max_tokens: int = 0  # use at most this many answer positions (0: all)
+    max_seconds: float = 0  # time budget: the schedule shrinks to fit it (0: none)
 
 
 @dataclass
@@ -110,14 +111,18 @@ def head_targets(seqs: list, num_heads: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(rows))
 
 
+def heldout_sequences(n: int, heldout: float, seed: int) -> set[int]:
+    """Indices of the sequences held out from head training (also used to tune refiners)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return set(order[: max(1, int(n * heldout)) if n > 1 else 0])
+
+
 def split_positions(seqs: list, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Position indices of train and held-out sequences (split by sequence, not by token)."""
     spans = np.array([len(ids) - plen for ids, plen, _ in seqs])
     offsets = np.concatenate([[0], np.cumsum(spans)])
-    order = list(range(len(seqs)))
-    random.Random(seed).shuffle(order)
-    n_held = max(1, int(len(seqs) * heldout)) if len(seqs) > 1 else 0
-    held = set(order[:n_held])
+    held = heldout_sequences(len(seqs), heldout, seed)
     pick = lambda keep: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in range(len(seqs)) if (i in held) == keep] or [np.zeros(0, dtype=np.int64)])
     return pick(False), pick(True)
 
@@ -192,23 +197,27 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
     heads = DraftHeads(heads_cfg).to(dev)
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_positions)
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, total, max(1, int(cfg.warmup * total))))
+    plan = {"total": steps_per_epoch * cfg.epochs}  # shrinks once the step time is known (max_seconds)
+    warm = lambda: max(1, int(cfg.warmup * plan["total"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, plan["total"], warm()))
     start_epoch, elapsed = 0, 0.0
     if resume:
         state = torch.load(ckpt_path, map_location=dev, weights_only=False)
         if state["fingerprint"] != fingerprint or state["config"] != asdict(cfg):
             raise BlockdraftError(f"{ckpt_path} was made for another model or configuration; cannot resume")
         heads.load_state_dict(state["heads"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        start_epoch, elapsed = state["epoch"], state["elapsed"]
+        start_epoch, elapsed, plan["total"] = state["epoch"], state["elapsed"], state["total"]
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(start_epoch):  # replay the shuffles so a resumed run sees the same order
         torch.randperm(len(train_idx), generator=gen)
+    done = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
         began = time.time()
         perm = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
         for step in bar:
+            if done >= plan["total"]:
+                break
             sel = torch.from_numpy(perm[step * cfg.batch_positions:(step + 1) * cfg.batch_positions])
             h, tgt = data.hidden[sel].to(dev, torch.float32), data.targets[sel].to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -217,17 +226,25 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
             losses.mean().backward()
             torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.clip)
             opt.step(); sched.step()
+            done += 1
+            if cfg.max_seconds and done == start_epoch * steps_per_epoch + 20:
+                per_step = (elapsed + time.time() - began) / done if not resume else (time.time() - began) / 20
+                plan["total"] = min(plan["total"], int(cfg.max_seconds / per_step))
+                bar.total = min(bar.total, plan["total"] - epoch * steps_per_epoch)
             if step % 20 == 0:
                 acc = ((logits.argmax(-1) == tgt) & (tgt != IGNORE)).float().sum(0) / (tgt != IGNORE).float().sum(0).clamp(min=1)
                 bar.set_postfix(loss=f"{losses.mean().item():.3f}", top1="/".join(f"{a:.2f}" for a in acc.tolist()))
+        bar.close()
         elapsed += time.time() - began
-        torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+        torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "total": plan["total"],
                     "epoch": epoch + 1, "elapsed": elapsed, "fingerprint": fingerprint, "config": asdict(cfg)}, ckpt_path)
+        if done >= plan["total"]:
+            break
     report = evaluate(heads, proj, data, held_idx, cfg.batch_positions)
     sources = sorted({s for _, _, s in seqs if s})
     heads.config.training = {
         "data": str(data_dir), "sources": sources, "sequences": len(seqs), "train_positions": int(len(train_idx)),
-        "heldout_positions": report["positions"], "epochs": cfg.epochs, "seed": cfg.seed, "config": asdict(cfg),
+        "heldout_positions": report["positions"], "epochs": round(done / steps_per_epoch, 2), "steps": done, "seed": cfg.seed, "config": asdict(cfg),
         "train_seconds": round(elapsed, 1), "device": str(dev), "heldout_top1": report["top1"],
         "heldout_top5": report["top5"], "heldout_loss": report["loss"], "distill": meta,
     }

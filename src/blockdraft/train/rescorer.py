@@ -35,6 +35,7 @@ class RescorerTrainConfig:
     lr: float = 3e-3
     batch_chunks: int = 32
     seed: int = 0
+    max_seconds: float = 0  # time budget: the schedule shrinks to fit it (0: none)
 
 
 def build_rescorer(vocab_size: int, cfg: RescorerTrainConfig, bos: int | None, eos: int | None):
@@ -73,15 +74,18 @@ def train_rescorer(loaded, data_dir: str | Path, out: str | Path, cfg: RescorerT
     held = max(1, len(rows) // 50)
     train_rows, held_rows = rows[held:], rows[:held]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    steps = math.ceil(len(train_rows) / cfg.batch_chunks) * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, max(1, steps // 20)))
+    plan = {"total": math.ceil(len(train_rows) / cfg.batch_chunks) * cfg.epochs}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, plan["total"], max(1, plan["total"] // 20)))
     gen = torch.Generator().manual_seed(cfg.seed)
     began = time.time()
     model.train()
-    bar = tqdm(total=steps, desc="rescorer", unit="step")
+    bar = tqdm(total=plan["total"], desc="rescorer", unit="step")
+    done = 0
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(train_rows), generator=gen)
         for first in range(0, len(perm), cfg.batch_chunks):
+            if done >= plan["total"]:
+                break
             batch = train_rows[perm[first:first + cfg.batch_chunks]].to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 logits = model(input_ids=batch).logits
@@ -90,6 +94,10 @@ def train_rescorer(loaded, data_dir: str | Path, out: str | Path, cfg: RescorerT
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(); sched.step()
+            done += 1
+            if cfg.max_seconds and done == 20:
+                plan["total"] = min(plan["total"], int(cfg.max_seconds / ((time.time() - began) / 20)))
+                bar.total = plan["total"]
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
@@ -100,7 +108,7 @@ def train_rescorer(loaded, data_dir: str | Path, out: str | Path, cfg: RescorerT
     model.to(torch.float16).save_pretrained(out)
     info = {"format": "blockdraft-rescorer/1", "base_model": loaded.name,
             "base_fingerprint": model_fingerprint(loaded.model), "vocab_size": vocab, "alpha": {"default": 1.0},
-            "training": {"data": str(data_dir), "tokens": int(rows.numel()), "config": asdict(cfg),
+            "training": {"data": str(data_dir), "tokens": int(rows.numel()), "steps": done, "config": asdict(cfg),
                          "train_seconds": round(time.time() - began, 1), "heldout_loss": round(held_loss, 4),
                          "device": str(dev), "distill": meta}}
     (out / RESCORER_META).write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,187 @@
+"""Turning measured prompt-turns into results: results.json, results.md, plots, answer files.
+
+Per method and category: block efficiency = new tokens / steps (base-model calls that commit
+tokens), tokens/s, speed-up = sum of ar's seconds / sum of the method's seconds over the same
+prompt-turns, and lossless rate = share of prompt-turns whose ids equal ar's.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from statistics import fmean
+from typing import TYPE_CHECKING
+
+from .datasets import GROUPS, group_of
+
+if TYPE_CHECKING:
+    from .runner import TurnRecord
+
+BASELINE = "ar"
+
+
+def _summary(rows: list["TurnRecord"], ar: dict | None) -> dict:
+    """The metrics of one method over some prompt-turns (ar: the baseline's records by key)."""
+    new, steps, seconds = sum(len(r.ids) for r in rows), sum(r.steps for r in rows), sum(r.seconds for r in rows)
+    ours = all(r.accepted is not None for r in rows)
+    base = [ar[(r.question_id, r.turn)] for r in rows] if ar is not None else None
+    return {
+        "prompts": len({r.question_id for r in rows}), "turns": len(rows),
+        "new_tokens": new, "steps": steps, "seconds": seconds,
+        "block_efficiency": new / steps if steps else None,
+        "tokens_per_s": new / seconds if seconds else None,
+        "speedup_vs_ar": sum(b.seconds for b in base) / seconds if base and seconds else None,
+        "lossless_rate": fmean(r.ids == b.ids for r, b in zip(rows, base)) if base else None,
+        "mean_accepted": fmean(a for r in rows for a in r.accepted) if ours and steps else None,
+        "forward_seconds": sum(r.forward_s for r in rows) if ours else None,
+        "draft_seconds": sum(r.draft_s for r in rows) if ours else None,
+    }
+
+
+def _by_category(rows: list["TurnRecord"], ar: dict | None) -> dict:
+    """Fine categories in order of appearance, then the groups (mt_bench) that occur."""
+    keys = list(dict.fromkeys(r.category for r in rows))
+    keys += [g for g in GROUPS if any(group_of(k) == g for k in keys)]
+    return {k: _summary([r for r in rows if k in (r.category, group_of(r.category))], ar) for k in keys}
+
+
+def build(records: list["TurnRecord"], methods: list[str], memory: dict, environment: dict, config: dict) -> dict:
+    """The results dict written to results.json."""
+    ar = {(r.question_id, r.turn): r for r in records if r.method == BASELINE} if BASELINE in methods else None
+    per_method = {}
+    for name in methods:
+        rows = [r for r in records if r.method == name]
+        per_method[name] = {"overall": _summary(rows, ar), "by_category": _by_category(rows, ar),
+                            "added_memory_mb": memory[name]["added_memory_mb"], "memory": memory[name]}
+    categories = {r.category: group_of(r.category) for r in records}
+    return {"command": config.get("command"), "config": config, "environment": environment,
+            "categories": categories, "methods": per_method}
+
+
+def columns(results: dict) -> list[str]:
+    """Report columns: overall, then each category with MT-bench's eight shown as mt_bench."""
+    return ["overall"] + list(dict.fromkeys(results["categories"].values()))
+
+
+def _cell(results: dict, method: str, column: str, key: str) -> float | None:
+    entry = results["methods"][method]
+    return (entry["overall"] if column == "overall" else entry["by_category"].get(column, {})).get(key)
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(results: dict) -> str:
+    """results.md: the command, the machine, and methods x categories tables."""
+    env, cfg, methods, cols = results["environment"], results["config"], list(results["methods"]), columns(results)
+    lines = ["# blockdraft bench", "", f"- command: `{results['command'] or 'run_bench (Python API)'}`",
+             f"- model: {env['model']} ({env['dtype']}), heads: {env['heads']}",
+             f"- machine: {env['cpu']} ({env['cpu_count']} CPUs), device {env['device']}, "
+             f"torch threads {env['torch_threads']}, python {env['python']}, "
+             f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}",
+             f"- {cfg['questions']} questions, max {cfg['max_new_tokens']} new tokens, {cfg['order']}; {env['date']}"]
+    lines += [f"- skipped {name}: {why}" for name, why in cfg["skipped"].items()]
+    overall = [[m, _fmt(_cell(results, m, "overall", "block_efficiency")), _fmt(_cell(results, m, "overall", "tokens_per_s"), ".1f"),
+                _fmt(_cell(results, m, "overall", "speedup_vs_ar")), _fmt(_cell(results, m, "overall", "lossless_rate")),
+                _fmt(_cell(results, m, "overall", "mean_accepted")), _fmt(results["methods"][m]["added_memory_mb"], ".3f")]
+               for m in methods]
+    lines += ["", "## Overall", ""]
+    lines += _table(["method", "block efficiency", "tokens/s", "speed-up vs ar", "lossless vs ar", "mean accepted",
+                     "added MB"], overall)
+    for title, key in (("Block efficiency (new tokens per base-model call)", "block_efficiency"),
+                       ("Speed-up vs ar (wall clock)", "speedup_vs_ar")):
+        lines += ["", f"## {title}", ""]
+        lines += _table(["method"] + cols, [[m] + [_fmt(_cell(results, m, c, key)) for c in cols] for m in methods])
+    return "\n".join(lines) + "\n"
+
+
+def _bars(results: dict, key: str, ylabel: str, path: Path) -> None:
+    """Grouped bars: one group per report column, one bar per method."""
+    from matplotlib.figure import Figure
+
+    cols, methods = columns(results), list(results["methods"])
+    fig = Figure(figsize=(max(6, 1.2 * len(cols) * max(1, len(methods)) / 3), 4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(methods)
+    for j, m in enumerate(methods):
+        values = [_cell(results, m, c, key) or 0.0 for c in cols]
+        ax.bar([i + (j - (len(methods) - 1) / 2) * width for i in range(len(cols))], values, width, label=m)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def _histograms(records: list["TurnRecord"], path: Path) -> bool:
+    """Committed tokens per step, one panel per method of ours (those with per-step stats)."""
+    from matplotlib.figure import Figure
+
+    counts = {}
+    for r in records:
+        if r.accepted is not None and r.committed:
+            counts.setdefault(r.method, []).extend(r.committed)
+    if not counts:
+        return False
+    fig = Figure(figsize=(4 * len(counts), 3.2), layout="constrained")
+    for ax, (method, values) in zip(fig.subplots(1, len(counts), squeeze=False)[0], counts.items()):
+        ax.hist(values, bins=[b - 0.5 for b in range(1, max(values) + 2)], rwidth=0.85)
+        ax.set_xticks(range(1, max(values) + 1))
+        ax.set_title(f"{method} (mean {fmean(values):.2f})")
+        ax.set_xlabel("tokens committed per step")
+        ax.set_ylabel("steps")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plots(results: dict, records: list["TurnRecord"], out_dir: Path) -> list[Path]:
+    """PNG plots; skipped with a warning when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("[blockdraft] bench: matplotlib is not installed, no plots (pip install 'blockdraft[plots]')",
+              file=sys.stderr)
+        return []
+    written = [out_dir / "block_efficiency.png"]
+    _bars(results, "block_efficiency", "block efficiency (tokens / base-model call)", written[0])
+    if BASELINE in results["methods"]:
+        written.append(out_dir / "speedup.png")
+        _bars(results, "speedup_vs_ar", "speed-up vs ar (wall clock)", written[-1])
+    if _histograms(records, out_dir / "committed_per_step.png"):
+        written.append(out_dir / "committed_per_step.png")
+    return written
+
+
+def answers(results: dict, records: list["TurnRecord"], questions: list[dict], out_dir: Path) -> None:
+    """answers/<method>.jsonl in the Spec-Bench answer format (evaluation/speed.py reads it)."""
+    folder = out_dir / "answers"
+    folder.mkdir(parents=True, exist_ok=True)
+    turns: dict[tuple, list] = {}
+    for r in sorted(records, key=lambda r: r.turn):
+        turns.setdefault((r.method, r.question_id), []).append(r)
+    for method in results["methods"]:
+        with (folder / f"{method}.jsonl").open("w", encoding="utf-8") as handle:
+            for q in questions:
+                rows = turns[(method, q["question_id"])]
+                choice = {"index": 0, "turns": [r.text for r in rows], "new_tokens": [len(r.ids) for r in rows],
+                          "wall_time": [r.seconds for r in rows], "decoding_steps": [r.steps for r in rows],
+                          "accept_lengths": [n for r in rows for n in (r.committed or [])]}
+                handle.write(json.dumps({"question_id": q["question_id"], "category": q["category"],
+                                         "answer_id": f"{method}-{q['question_id']}",
+                                         "model_id": f"{results['environment']['model']}-{method}",
+                                         "choices": [choice], "tstamp": time.time()}, ensure_ascii=False) + "\n")
+
+
+def write(results: dict, records: list["TurnRecord"], questions: list[dict], out_dir: Path) -> None:
+    """Everything under out_dir: results.json, results.md, the plots and the answer files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "results.md").write_text(markdown(results), encoding="utf-8")
+    plots(results, records, out_dir)
+    answers(results, records, questions, out_dir)

@@ -1,0 +1,1 @@
+"""Refiners: lattice -> drafts (identity, n-gram p-best, neural rescoring)."""

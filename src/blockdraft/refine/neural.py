@@ -1,0 +1,96 @@
+"""Local neural rescoring (Kim et al. 2024, sec. 6): a small causal LM re-ranks each head's top-k.
+
+Left to right over the draft positions: z_j[S_j] += alpha * r_j[S_j], where z_j are head j's
+scores on its top-k set S_j and r_j the rescorer's log-probs after the committed text and the
+draft tokens chosen so far; the argmax is drafted. The rescorer keeps its own KV cache of the
+committed text and rolls it back to the accepted prefix, so a step costs about K tiny forwards.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import BlockdraftError
+from ..types import Lattice
+
+META = "rescorer.json"
+
+
+class Rescorer:
+    """A small HF causal LM plus the cache of the text it has read."""
+
+    def __init__(self, model: torch.nn.Module, alpha: dict[str, float]):
+        self.model, self.alpha = model.eval().requires_grad_(False), alpha
+        self.max_positions = getattr(model.config, "max_position_embeddings", 2048)
+        self.ids: list[int] = []
+        self.cache = None
+        self.last: torch.Tensor | None = None  # [V] log-probs after self.ids
+
+    @torch.inference_mode()
+    def read(self, new: list[int]) -> torch.Tensor:
+        """Append ids to the cache; returns log-probs after each of them [n, V]."""
+        out = self.model(input_ids=torch.tensor([new]), past_key_values=self.cache, use_cache=True)
+        self.cache = out.past_key_values
+        self.ids += new
+        return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+    def sync(self, context: list[int]) -> None:
+        """Make the cache hold exactly `context` (crop to the shared prefix, read the rest)."""
+        if len(context) >= self.max_positions:  # restart on a recent window
+            context, self.ids, self.cache = context[-self.max_positions // 2:], [], None
+        common = 0
+        for a, b in zip(self.ids, context):
+            if a != b:
+                break
+            common += 1
+        if common == len(context) and common == len(self.ids) and self.last is not None:
+            return
+        common = min(common, len(context) - 1)  # re-read at least one token for fresh logits
+        if self.cache is not None and common < len(self.ids):
+            self.cache.crop(common - len(self.ids))
+        self.ids = self.ids[:common]
+        self.last = self.read(context[common:])[-1]
+
+    def rollback(self, n: int) -> None:
+        if n > 0:
+            self.cache.crop(-n)
+            self.ids = self.ids[:-n]
+
+
+class NeuralRefiner:
+    def __init__(self, rescorer: Rescorer, alpha: float):
+        self.rescorer, self.alpha = rescorer, alpha
+
+    def accept(self, context: list[int]) -> None:
+        self.rescorer.sync(context)
+
+    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
+        self.rescorer.sync(context)
+        scores, draft, logp = lattice.logprobs.float(), [], self.rescorer.last
+        for j in range(lattice.depth):
+            cand = lattice.tokens[j]  # [k]
+            best = int(cand[(scores[j] + self.alpha * logp[cand]).argmax()])
+            draft.append(best)
+            if j + 1 < lattice.depth:
+                logp = self.rescorer.read([best])[-1]
+        self.rescorer.rollback(lattice.depth - 1)
+        return [draft]
+
+
+def load_rescorer(folder: str | Path, fingerprint: str | None = None) -> Rescorer:
+    """Load a rescorer saved by `blockdraft train-rescorer`; refuse one made for another model."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / META).exists():
+        raise BlockdraftError(f"no rescorer at {folder}: expected {META} (train one with `blockdraft train-rescorer`)")
+    try:
+        meta = json.loads((folder / META).read_text())
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise BlockdraftError(f"corrupt rescorer at {folder}: {str(exc).splitlines()[0][:200]}") from None
+    if fingerprint and meta.get("base_fingerprint") not in (None, fingerprint):
+        raise BlockdraftError(f"rescorer at {folder} was trained for another model ({meta.get('base_model')})")
+    return Rescorer(model, meta.get("alpha", {"default": 1.0}))

@@ -1,0 +1,195 @@
+"""`blockdraft bench` on a tiny random Llama: schema, step counting, losslessness, files."""
+import hashlib
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from blockdraft.bench import DEFAULT_PROMPTS, load_questions, run_bench
+from blockdraft.bench.runner import CallLog, measure, setup
+from blockdraft.cli import build_parser, main
+from blockdraft.errors import BlockdraftError
+from blockdraft.testing import tiny_decoder
+
+METHODS = ["ar", "bpd", "hf-greedy", "hf-pld"]
+QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a short poem about the sky.", "Now explain it."]},
+    {"question_id": 2, "category": "qa", "turns": ["Name three rivers."]},
+    {"question_id": 3, "category": "math", "turns": ["What is one and two?"]},
+]
+SUMMARY_KEYS = {"block_efficiency", "tokens_per_s", "speedup_vs_ar", "lossless_rate", "prompts", "new_tokens", "steps",
+                "seconds", "mean_accepted", "forward_seconds", "draft_seconds"}
+ENV_KEYS = {"model", "heads", "versions", "cpu", "torch_threads", "date", "python", "peak_rss_mb"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices on busy shared cores: one thread avoids contention (and bench records it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    return tiny_decoder(seed=0, num_heads=3)
+
+
+@pytest.fixture(scope="module")
+def bench(decoder, tmp_path_factory):
+    """One small bench run shared by the tests; records the conversations each turn was asked in."""
+    out = tmp_path_factory.mktemp("bench")
+    asked, encode = [], decoder.encode
+
+    def spy(turns, answers=None, raw=False):
+        asked.append((list(turns), list(answers or [])))
+        return encode(turns, answers, raw)
+
+    decoder.encode = spy
+    try:
+        results = run_bench(decoder, QUESTIONS, METHODS, 8, out, argv=["bench", "--max-new-tokens", "8"])
+    finally:
+        del decoder.encode
+    return results, out, asked
+
+
+def _answers(out, method):
+    return [json.loads(line) for line in (out / "answers" / f"{method}.jsonl").read_text().splitlines()]
+
+
+def test_results_schema(bench):
+    results, out, _ = bench
+    assert json.loads((out / "results.json").read_text()) == results
+    assert set(results["methods"]) == set(METHODS)
+    assert ENV_KEYS <= set(results["environment"]) and results["environment"]["torch_threads"] == 1
+    assert {"torch", "transformers", "numpy", "blockdraft"} <= set(results["environment"]["versions"])
+    for name, entry in results["methods"].items():
+        assert SUMMARY_KEYS <= set(entry["overall"])
+        assert all(SUMMARY_KEYS <= set(s) for s in entry["by_category"].values())
+        assert entry["added_memory_mb"] >= 0
+        ours = name in ("ar", "bpd")
+        assert (entry["overall"]["mean_accepted"] is not None) == ours
+        assert (entry["overall"]["forward_seconds"] is not None) == ours
+    text = (out / "results.md").read_text()
+    assert "blockdraft bench --max-new-tokens 8" in text and "| bpd |" in text
+    for png in ("block_efficiency.png", "speedup.png", "committed_per_step.png"):
+        assert (out / png).stat().st_size > 0
+
+
+def test_baselines_and_losslessness(bench):
+    methods = bench[0]["methods"]
+    assert methods["ar"]["overall"]["block_efficiency"] == 1.0
+    assert methods["hf-greedy"]["overall"]["block_efficiency"] == 1.0
+    assert methods["hf-greedy"]["overall"]["lossless_rate"] == 1.0
+    assert methods["bpd"]["overall"]["lossless_rate"] == 1.0
+    assert methods["ar"]["overall"]["speedup_vs_ar"] == 1.0
+    assert methods["bpd"]["overall"]["block_efficiency"] >= 1.0
+
+
+def test_mt_bench_group(bench):
+    results, out, _ = bench
+    cats = results["methods"]["ar"]["by_category"]
+    assert set(cats) == {"writing", "qa", "math", "mt_bench"}
+    assert cats["mt_bench"]["prompts"] == 2 and cats["mt_bench"]["turns"] == 3
+    assert cats["mt_bench"]["new_tokens"] == cats["writing"]["new_tokens"] + cats["math"]["new_tokens"]
+    assert results["categories"] == {"writing": "mt_bench", "qa": "qa", "math": "mt_bench"}
+    assert "| method | overall | mt_bench | qa |" in (out / "results.md").read_text()
+
+
+def test_multi_turn_feeds_back_own_answer(bench):
+    _, out, asked = bench
+    second = {tuple(answers) for turns, answers in asked if len(turns) == 2}
+    assert second == {(_answers(out, m)[0]["choices"][0]["turns"][0],) for m in METHODS}
+
+
+def test_answers_jsonl(bench):
+    results, out, _ = bench
+    for method in METHODS:
+        rows = _answers(out, method)
+        assert [r["question_id"] for r in rows] == [1, 2, 3]
+        for row, q in zip(rows, QUESTIONS):
+            assert {"question_id", "category", "model_id", "choices", "tstamp"} <= set(row)
+            assert row["category"] == q["category"] and row["model_id"] == f"tiny-{method}"
+            choice = row["choices"][0]
+            assert choice["index"] == 0
+            assert len(choice["turns"]) == len(choice["new_tokens"]) == len(choice["wall_time"]) == len(q["turns"])
+            assert sum(choice["accept_lengths"]) == sum(choice["new_tokens"])  # committed tokens per step
+        assert sum(len(r["choices"][0]["accept_lengths"]) for r in rows) == results["methods"][method]["overall"]["steps"]
+
+
+@pytest.mark.parametrize("method", ["ar", "bpd", "hf-pld"])
+@pytest.mark.parametrize("ids", [[5], [0, 54, 30, 4, 50, 41, 1, 0, 55]])
+def test_hook_steps_match(decoder, method, ids):
+    """Steps counted by the forward hook equal the engine's own count (and, for HF, every call)."""
+    runners, _ = setup(decoder, [method])
+    log = CallLog(decoder.loaded.model.get_decoder())
+    try:
+        record = measure(decoder, log, method, runners[method], ids, 8, QUESTIONS[0], 0)  # checks engine steps
+        calls = len(log.widths)
+    finally:
+        log.close()
+    if method == "hf-pld":
+        assert record.steps == calls
+    else:
+        assert record.steps == decoder.generate(ids=ids, method=method, max_new_tokens=8).steps
+        assert calls == record.steps + (len(ids) > 1)
+    assert sum(record.committed) == len(record.ids) and min(record.committed) >= 1
+
+
+def test_added_memory_counts_heads_not_base_model(bench, decoder):
+    memory = {m: e["memory"] for m, e in bench[0]["methods"].items()}
+    head_bytes = sum(p.numel() * p.element_size() for p in decoder.heads.parameters())
+    assert memory["bpd"]["weights_mb"] * 2**20 == head_bytes  # the shared lm_head is not counted
+    assert memory["ar"]["weights_mb"] == memory["hf-greedy"]["weights_mb"] == 0
+    assert memory["ar"]["peak_tree_nodes"] == 1
+
+
+def test_unknown_method(decoder, tmp_path):
+    with pytest.raises(BlockdraftError, match="no-such-method"):
+        run_bench(decoder, QUESTIONS[:1], ["ar", "no-such-method"], 4, tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed")
+def test_llamacpp_skipped_without_extra(decoder, tmp_path):
+    results = run_bench(decoder, QUESTIONS[1:2], ["ar", "llamacpp"], 4, tmp_path)
+    assert list(results["methods"]) == ["ar"] and "llama-cpp-python" in results["config"]["skipped"]["llamacpp"]
+
+
+def test_bad_prompt_file(tmp_path, capsys):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(QUESTIONS[0]) + "\n" + '{"question_id": 9, "category": "qa"}\n')
+    with pytest.raises(BlockdraftError, match=r"q.jsonl:2: 'turns'"):
+        load_questions(path)
+    path.write_text(json.dumps(QUESTIONS[0]) + "\n\n{not json\n")
+    assert main(["bench", "--prompts", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "q.jsonl:3: invalid JSON" in err[0]
+    path.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps(QUESTIONS[0]) + "\n")
+    with pytest.raises(BlockdraftError, match=r":2: duplicate question_id"):
+        load_questions(path)
+
+
+def test_selection_on_bundled_prompts():
+    assert hashlib.sha256(DEFAULT_PROMPTS.read_bytes()).hexdigest().startswith("2b55b0ac153d4cbd")
+    assert (DEFAULT_PROMPTS.parent / "PROVENANCE.md").exists()
+    everything = load_questions()
+    assert len(everything) == 240 and all(q["question_id"] % 2 == 0 for q in everything)
+    one_each = load_questions(per_category=1)
+    assert len(one_each) == 13 and len({q["category"] for q in one_each}) == 13
+    assert len(load_questions(categories=["mt_bench"])) == 40
+    picked = load_questions(categories=["mt_bench", "qa"], per_category=2, limit=5)
+    assert [q["category"] for q in picked] == ["writing", "writing", "roleplay", "roleplay", "reasoning"]
+    assert [q["category"] for q in load_questions(categories=["qa"], per_category=3)] == ["qa"] * 3
+    with pytest.raises(BlockdraftError, match="no-such-category"):
+        load_questions(categories=["no-such-category"])
+
+
+def test_cli_parser():
+    args = build_parser().parse_args(["bench", "--out", "x"])
+    assert args.methods == "ar,bpd,hf-greedy,hf-pld" and args.max_new_tokens == 128
+    assert args.prompts == str(DEFAULT_PROMPTS) and args.threads is None
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["bench", "--help"])
+    assert exit_info.value.code == 0
