@@ -40,6 +40,14 @@ def cmd_generate(args) -> None:
               f"{summary['tokens_per_s']:.1f} tokens/s, stop: {summary['stop_reason']}", file=sys.stderr)
 
 
+def cmd_prompts(args) -> None:
+    from pathlib import Path
+    from .data.train_prompts import build_training_prompts, source_summary, write_jsonl
+    rows = build_training_prompts(Path(args.source), seed=args.seed, include_noncommercial=not args.commercial_only)
+    write_jsonl(rows, Path(args.out))
+    print(json.dumps(source_summary(rows)["domains"]), f"-> {args.out} ({len(rows)} prompts)")
+
+
 def cmd_distill(args) -> None:
     from .train.distill import DistillConfig, distill
     cfg = DistillConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
@@ -134,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prompts", help="build the mixed training-prompt JSONL from the prompt corpora")
+    p.add_argument("--source", default="../shared/data/train_prompts", help="folder of the prompt corpora")
+    p.add_argument("--out", required=True, help="output JSONL (id, source, domain, license, turns)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--commercial-only", action="store_true", help="drop non-commercial and unlicensed sources")
+    p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("distill", help="self-distillation data: the model's own greedy answers to prompts")
     _model_args(p)

@@ -25,6 +25,7 @@ from ..heads import DraftHeads, HeadsConfig
 from ..jsonl import read_jsonl
 from ..models import LoadedModel, model_fingerprint
 from .distill import DATA_FILE, META_FILE
+from .schedule import StepPlan
 
 IGNORE = -100
 
@@ -158,12 +159,6 @@ def evaluate(heads: DraftHeads, proj: torch.Tensor, data: PositionData, idx: np.
             "positions": int(len(idx))}
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def _prepare_out(out: Path, resume: bool, fingerprint: str) -> Path:
     ckpt = out / "checkpoint.pt"
     if resume:
@@ -197,16 +192,15 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
     heads = DraftHeads(heads_cfg).to(dev)
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_positions)
-    plan = {"total": steps_per_epoch * cfg.epochs}  # shrinks once the step time is known (max_seconds)
-    warm = lambda: max(1, int(cfg.warmup * plan["total"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, plan["total"], warm()))
+    plan = StepPlan(steps_per_epoch * cfg.epochs, cfg.max_seconds, cfg.warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, plan.lr_factor)
     start_epoch, elapsed = 0, 0.0
     if resume:
         state = torch.load(ckpt_path, map_location=dev, weights_only=False)
         if state["fingerprint"] != fingerprint or state["config"] != asdict(cfg):
             raise BlockdraftError(f"{ckpt_path} was made for another model or configuration; cannot resume")
         heads.load_state_dict(state["heads"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        start_epoch, elapsed, plan["total"] = state["epoch"], state["elapsed"], state["total"]
+        start_epoch, elapsed, plan.total = state["epoch"], state["elapsed"], state["total"]
     gen = torch.Generator().manual_seed(cfg.seed)
     for epoch in range(start_epoch):  # replay the shuffles so a resumed run sees the same order
         torch.randperm(len(train_idx), generator=gen)
@@ -216,7 +210,7 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
         perm = train_idx[torch.randperm(len(train_idx), generator=gen).numpy()]
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step")
         for step in bar:
-            if done >= plan["total"]:
+            if plan.finished(done):
                 break
             sel = torch.from_numpy(perm[step * cfg.batch_positions:(step + 1) * cfg.batch_positions])
             h, tgt = data.hidden[sel].to(dev, torch.float32), data.targets[sel].to(dev)
@@ -227,18 +221,15 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
             torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.clip)
             opt.step(); sched.step()
             done += 1
-            if cfg.max_seconds and done == start_epoch * steps_per_epoch + 20:
-                per_step = (elapsed + time.time() - began) / done if not resume else (time.time() - began) / 20
-                plan["total"] = min(plan["total"], int(cfg.max_seconds / per_step))
-                bar.total = min(bar.total, plan["total"] - epoch * steps_per_epoch)
+            plan.tick(done - start_epoch * steps_per_epoch)
             if step % 20 == 0:
                 acc = ((logits.argmax(-1) == tgt) & (tgt != IGNORE)).float().sum(0) / (tgt != IGNORE).float().sum(0).clamp(min=1)
                 bar.set_postfix(loss=f"{losses.mean().item():.3f}", top1="/".join(f"{a:.2f}" for a in acc.tolist()))
         bar.close()
         elapsed += time.time() - began
-        torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "total": plan["total"],
+        torch.save({"heads": heads.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "total": plan.total,
                     "epoch": epoch + 1, "elapsed": elapsed, "fingerprint": fingerprint, "config": asdict(cfg)}, ckpt_path)
-        if done >= plan["total"]:
+        if plan.finished(done):
             break
     report = evaluate(heads, proj, data, held_idx, cfg.batch_positions)
     sources = sorted({s for _, _, s in seqs if s})

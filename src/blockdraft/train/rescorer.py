@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import BlockdraftError
-from .heads import _schedule, load_sequences
+from .heads import load_sequences
+from .schedule import StepPlan
 
 RESCORER_META = "rescorer.json"
 
@@ -74,17 +75,17 @@ def train_rescorer(loaded, data_dir: str | Path, out: str | Path, cfg: RescorerT
     held = max(1, len(rows) // 50)
     train_rows, held_rows = rows[held:], rows[:held]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    plan = {"total": math.ceil(len(train_rows) / cfg.batch_chunks) * cfg.epochs}
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, plan["total"], max(1, plan["total"] // 20)))
+    plan = StepPlan(math.ceil(len(train_rows) / cfg.batch_chunks) * cfg.epochs, cfg.max_seconds)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, plan.lr_factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     began = time.time()
     model.train()
-    bar = tqdm(total=plan["total"], desc="rescorer", unit="step")
+    bar = tqdm(total=plan.total, desc="rescorer", unit="step")
     done = 0
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(train_rows), generator=gen)
         for first in range(0, len(perm), cfg.batch_chunks):
-            if done >= plan["total"]:
+            if plan.finished(done):
                 break
             batch = train_rows[perm[first:first + cfg.batch_chunks]].to(dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -95,9 +96,7 @@ def train_rescorer(loaded, data_dir: str | Path, out: str | Path, cfg: RescorerT
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step(); sched.step()
             done += 1
-            if cfg.max_seconds and done == 20:
-                plan["total"] = min(plan["total"], int(cfg.max_seconds / ((time.time() - began) / 20)))
-                bar.total = plan["total"]
+            plan.tick(done)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
