@@ -288,7 +288,7 @@ def _nbytes(obj, exclude: set[int], seen: set[int], depth: int = 0) -> int:
     seen.add(id(obj))
     if isinstance(obj, torch.nn.Module):
         tensors = chain(obj.parameters(), obj.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors if t.data_ptr() not in exclude)
+        return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn and t.data_ptr() not in exclude)
     if isinstance(obj, torch.Tensor):
         if obj.is_mkldnn:  # oneDNN-packed copies of the model's own weights (blockdraft.cpu)
             return 0
