@@ -23,6 +23,10 @@ def _load(args):
 def cmd_generate(args) -> None:
     import blockdraft
 
+    if not args.prompt.strip():  # checked before the model loads: a bad request costs nothing
+        raise BlockdraftError("empty prompt: give some text to continue")
+    if args.max_new_tokens <= 0:
+        raise BlockdraftError(f"max_new_tokens must be positive, got {args.max_new_tokens}")
     dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     result = dec.generate(args.prompt, method=args.method, max_new_tokens=args.max_new_tokens, raw=args.raw,

@@ -53,7 +53,9 @@ def default_device() -> torch.device:
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | None = None) -> LoadedModel:
     """Load a causal LM and tokenizer by alias, hub id or local path; errors are one line."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a weight-loading bar per call would bury our own output
     path = _materialise_alias(spec) if spec in _GGUF_ALIASES else spec
     if spec not in _GGUF_ALIASES and not Path(spec).exists() and os.environ.get("HF_HUB_OFFLINE") is None:
         # Fail fast and clearly instead of hanging on a hub request this machine cannot make.
