@@ -61,7 +61,7 @@ class Decoder:
 
         if self._ngram is None:
             if self.ngram_path is None:
-                raise BlockdraftError(f"no n-gram LM for {self.loaded.name!r}: train one with `blockdraft train-ngram` and pass --ngram")
+                raise BlockdraftError(f"no n-gram LM for {self.loaded.name!r}: train one with `blockdraft train-ngram` and set Decoder.ngram_path")
             self._ngram = NgramLM.load(self.ngram_path, vocab_size=self.target.lm_head.weight.shape[0])
         return self._ngram
 
@@ -71,7 +71,7 @@ class Decoder:
 
         if self._rescorer is None:
             if self.rescorer_path is None:
-                raise BlockdraftError(f"no rescorer for {self.loaded.name!r}: train one with `blockdraft train-rescorer` and pass --rescorer")
+                raise BlockdraftError(f"no rescorer for {self.loaded.name!r}: train one with `blockdraft train-rescorer` and set Decoder.rescorer_path")
             self._rescorer = load_rescorer(self.rescorer_path, self.loaded.fingerprint)
         return self._rescorer
 

@@ -21,8 +21,12 @@ def _ar(dec: "Decoder") -> tuple[Drafter, Refiner]:
     return NoDrafter(), ArgmaxRefiner()
 
 
+def _heads_drafter(dec: "Decoder", topk: int) -> HeadsDrafter:
+    return HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=topk, with_entropy=dec.record)
+
+
 def _bpd(dec: "Decoder") -> tuple[Drafter, Refiner]:
-    return HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=dec.topk, with_entropy=dec.record), ArgmaxRefiner()
+    return _heads_drafter(dec, dec.topk), ArgmaxRefiner()
 
 
 METHODS: dict[str, Factory] = {"ar": _ar, "bpd": _bpd}
@@ -56,7 +60,7 @@ def _pbest_family(name: str) -> Factory | None:
     p = int(m.group(2) or 1)
 
     def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
-        drafter = HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=LATTICE_TOPK, with_entropy=dec.record)
+        drafter = _heads_drafter(dec, LATTICE_TOPK)
         if m.group(1) == "0gram":
             return drafter, PBestRefiner(None, 0.0, p)
         lm = dec.ngram()
@@ -73,8 +77,7 @@ def _neural_family(name: str) -> Factory | None:
 
     def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
         rescorer = dec.rescorer()
-        drafter = HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=LATTICE_TOPK, with_entropy=dec.record)
-        return drafter, NeuralRefiner(rescorer, pick_alpha(rescorer.alpha, dec.category))
+        return _heads_drafter(dec, LATTICE_TOPK), NeuralRefiner(rescorer, pick_alpha(rescorer.alpha, dec.category))
 
     return build
 
@@ -90,6 +93,7 @@ CATEGORY_DOMAIN = {"writing": "writing", "roleplay": "roleplay", "reasoning": "c
                    "coding": "coding", "extraction": "rag", "stem": "qa", "humanities": "chat",
                    "translation": "translation", "summarization": "summarization", "qa": "qa",
                    "math_reasoning": "math", "rag": "rag"}
+
 
 def _fit_family(name: str) -> Factory | None:
     """{method}-fit: any heads method with its drafts sized to the measured cost curve."""

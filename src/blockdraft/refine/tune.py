@@ -9,7 +9,6 @@ decoding again.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,16 +104,17 @@ def tune_alpha(decoder, records: list[dict], kind: str, grid=ALPHA_GRID, topk: i
     return {"alpha": best, "curve": curve, "grid": list(grid), "sequences": len(records)}
 
 
-def heldout_records(data_dir: str | Path, per_domain: int, seed: int = 0, heldout: float = 0.05) -> list[dict]:
+def heldout_records(data_dir: str | Path, per_domain: int) -> list[dict]:
     """Up to `per_domain` records per domain from the sequences the heads held out (train-heads split)."""
     from ..jsonl import read_jsonl
-    from ..train.heads import heldout_sequences
+    from ..train.heads import HeadsTrainConfig, heldout_sequences
 
     records = [rec for _, rec in read_jsonl(Path(data_dir) / "distill.jsonl", on_error="skip")]
     if not records:
         raise BlockdraftError(f"{data_dir} holds no distillation records")
     chosen, count = [], defaultdict(int)
-    for i in sorted(heldout_sequences(len(records), heldout, seed)):
+    split = HeadsTrainConfig()  # the default split of train-heads, which made the shipped heads
+    for i in sorted(heldout_sequences(len(records), split.heldout, split.seed)):
         domain = records[i].get("domain") or "other"
         if count[domain] < per_domain:
             chosen.append(records[i])

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from ..jsonl import read_jsonl
 from ..refine.ngram import NgramLM, train_ngram
-from .heads import heldout_sequences
+from .heads import HeadsTrainConfig, heldout_sequences
 
 
 def train_ngram_on_distill(data_dir: str | Path, order: int, prune, out: str | Path, arpa: str | None = None,
                            vocab_size: int | None = None) -> NgramLM:
     records = [rec for _, rec in read_jsonl(Path(data_dir) / "distill.jsonl", on_error="skip")]
-    held = heldout_sequences(len(records), 0.05, 0)
+    split = HeadsTrainConfig()  # the sequences head training held out stay unseen here too
+    held = heldout_sequences(len(records), split.heldout, split.seed)
     answers = [rec["answer_ids"] for i, rec in enumerate(records) if i not in held and rec.get("answer_ids")]
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     # the model's vocabulary (recorded by distill); else the largest id seen
