@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/blockdraft generate --method ar --max-new-tokens 96 --json \
 	  --prompt "Explain in three sentences why the sky is blue."
-	$(BIN)/blockdraft generate --method bpd --max-new-tokens 96 \
+	$(BIN)/blockdraft generate --max-new-tokens 96 --json \
 	  --prompt "Explain in three sentences why the sky is blue."
 
 test: $(STAMP)

@@ -188,7 +188,7 @@ def test_selection_on_bundled_prompts():
 
 def test_cli_parser():
     args = build_parser().parse_args(["bench", "--out", "x"])
-    assert args.methods == "ar,bpd,hf-greedy,hf-pld" and args.max_new_tokens == 128
+    assert args.methods == "ar,bpd,fast,hf-greedy,hf-pld" and args.max_new_tokens == 128
     assert args.prompts == str(DEFAULT_PROMPTS) and args.threads is None
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["bench", "--help"])

@@ -48,11 +48,18 @@ class Decoder:
         self._ngram = self._rescorer = self._cost = None
 
     def cost_curve(self):
-        """The target's forward time per input size, measured once (for -fit methods)."""
-        from .sizing import measure_cost_curve
+        """The target's forward time per input size on this machine (for sized drafts); measured
+        once per model, device, dtype, thread count and CPU, then read from the cache folder."""
+        from .cpu import cpu_model
+        from .models import cache_root
+        from .sizing import cached_cost_curve
 
         if self._cost is None:
-            self._cost = measure_cost_curve(self.target)
+            weight = self.target.lm_head.weight
+            key = {"model": self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
+                   "dtype": str(weight.dtype), "threads": torch.get_num_threads(), "cpu": cpu_model(),
+                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__}
+            self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves")
         return self._cost
 
     def ngram(self):
@@ -98,7 +105,7 @@ class Decoder:
         turns = [prompt] if isinstance(prompt, str) else list(prompt)
         return encode_chat(self.tokenizer, turns, answers, raw=raw)
 
-    def generate(self, prompt: str | list[str] | None = None, *, ids: list[int] | None = None, method: str = "bpd",
+    def generate(self, prompt: str | list[str] | None = None, *, ids: list[int] | None = None, method: str = "fast",
                  max_new_tokens: int = 128, raw: bool = False, stop: tuple[str, ...] = (),
                  answers: list[str] | None = None, on_text=None, record: bool = False,
                  category: str | None = None) -> DecodeResult:

@@ -8,6 +8,9 @@ step, so this changes what drafting can win. The swap is in place and reversible
 """
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -51,3 +54,14 @@ def restore_linears(model: nn.Module) -> None:
         for name, child in list(module.named_children()):
             if isinstance(child, OneDNNLinear):
                 setattr(module, name, child.dense)
+
+
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo on Linux), for benchmark records and cost-curve keys."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

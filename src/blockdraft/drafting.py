@@ -37,8 +37,12 @@ class HeadsDrafter:
 
     @torch.inference_mode()
     def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice:
-        logits = self.heads.logits(hidden[None], self.lm_head)[0, : self.num_heads].float()  # [K, V]
-        logprobs = torch.log_softmax(logits, dim=-1)
+        entropy = None
+        if self.with_entropy:  # analysis: entropy over the full vocabulary, the same drafts as without it
+            full = torch.log_softmax(self.heads.logits(hidden[None], self.lm_head)[0, : self.num_heads].float(), -1)
+            entropy = -(full.exp() * full).sum(-1)  # [K]
+        logits, vocab = self.heads.draft_logits(hidden, self.lm_head)
+        logprobs = torch.log_softmax(logits[: self.num_heads].float(), dim=-1)  # [K, V']
         top = logprobs.topk(self.topk, dim=-1)
-        entropy = -(logprobs.exp() * logprobs).sum(-1) if self.with_entropy else None  # [K]
-        return Lattice(tokens=top.indices.cpu(), logprobs=top.values.cpu(), entropy=None if entropy is None else entropy.cpu())
+        tokens = top.indices if vocab is None else vocab[top.indices]
+        return Lattice(tokens=tokens.cpu(), logprobs=top.values.cpu(), entropy=None if entropy is None else entropy.cpu())

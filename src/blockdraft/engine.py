@@ -70,7 +70,7 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
         if not reason:
             refiner.accept(ids)
             lattice = drafter.propose(hidden[verdict.path[-1]], ids)
-            drafts = refiner.refine(lattice, ids) if lattice is not None else []
+            drafts = refiner.refine(lattice, ids)
         stats.append(StepStats(drafted=max(tree.depths), tree_nodes=tree.size,
                                accepted=verdict.n_accepted, committed=len(new), forward_s=forward_s,
                                draft_s=time.perf_counter() - t1,

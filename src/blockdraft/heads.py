@@ -5,6 +5,11 @@ and predicts the next token x[t+1] from the hidden state h[t]. Draft head j (j =
 the paper's head j+1) predicts x[t+1+j] from the same h[t]. Each draft head is one residual
 feed-forward block, h + SiLU(W h + b) (Stern et al. 2018; Medusa-1), followed by the base
 model's own frozen output projection, so a head adds only H*H + H parameters.
+
+A draft vocabulary (the most frequent answer tokens of the training data, stored with the
+heads) restricts that projection when drafting: 16,384 of SmolLM2's 49,152 rows cover 99.3%
+of the distilled answer tokens and cost a third of the time. Drafts outside it are simply not
+proposed; verification, which always uses the full vocabulary, keeps the output exact.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ class HeadsConfig:
     base_model: str = ""  # the model spec the heads were trained for
     base_fingerprint: str = ""  # models.model_fingerprint of that model
     training: dict = field(default_factory=dict)  # data, tokens, epochs, seed, time, accuracy...
+    draft_vocab_size: int = 0  # rows of the projection used when drafting (0: the full vocabulary)
 
 
 class DraftHeads(nn.Module):
@@ -43,6 +49,9 @@ class DraftHeads(nn.Module):
         for block in self.blocks:  # zero-init: every head starts as the base model's next-token guess
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
+        if config.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self._projection: tuple[int, torch.Tensor] | None = None  # (lm_head weight id, its draft rows)
 
     @property
     def num_heads(self) -> int:
@@ -57,6 +66,28 @@ class DraftHeads(nn.Module):
         """hidden [..., H] -> draft logits [..., K, V] through the shared frozen projection."""
         states = self(hidden).to(lm_head.weight.dtype)
         return lm_head(states)
+
+    def set_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Restrict drafting to these token ids (most useful first)."""
+        self.config.draft_vocab_size = len(ids)
+        self.register_buffer("draft_vocab", torch.as_tensor(ids, dtype=torch.long).to(self.blocks[0].weight.device))
+        self._projection = None
+
+    def draft_logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden [H] -> (logits [K, V'], token id of each column or None when V' is the full vocabulary)."""
+        if not self.config.draft_vocab_size:
+            return self.logits(hidden[None], lm_head)[0], None
+        weight = lm_head.weight
+        if self._projection is None or self._projection[0] != id(weight):
+            rows = weight.detach()[self.draft_vocab].contiguous()
+            linear = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device=rows.device, dtype=rows.dtype)
+            linear.weight = nn.Parameter(rows, requires_grad=False)
+            if type(lm_head) is not nn.Linear and rows.device.type == "cpu":  # the model runs oneDNN linears
+                from .cpu import OneDNNLinear
+                linear = OneDNNLinear(linear)
+            self._projection = (id(weight), linear)
+        states = self(hidden[None])[0].to(weight.dtype)  # [K, H]
+        return self._projection[1](states), self.draft_vocab
 
     def check_compatible(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
         """Refuse heads made for another model: sizes always, weights when both fingerprints exist."""
@@ -80,7 +111,8 @@ class DraftHeads(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                 for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
         (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=2) + "\n")
         return folder

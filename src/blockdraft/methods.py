@@ -29,7 +29,29 @@ def _bpd(dec: "Decoder") -> tuple[Drafter, Refiner]:
     return _heads_drafter(dec, dec.topk), ArgmaxRefiner()
 
 
-METHODS: dict[str, Factory] = {"ar": _ar, "bpd": _bpd}
+def _lookup(dec: "Decoder") -> tuple[Drafter, Refiner]:
+    from .lookup import ContextLookup
+
+    return NoDrafter(), ContextLookup()
+
+
+FAST_PBEST = 4  # drafts per step of the default method before sizing (README: "Choosing a method")
+
+
+def _fast(dec: "Decoder") -> tuple[Drafter, Refiner]:
+    """The default: the best lossless drafts this setup has, sized to this machine's cost curve.
+
+    Heads -> n-gram rescored p-best (the 0-gram baseline without an n-gram LM) -> trimmed to the
+    nodes that pay for their forward time -> plus a draft looked up in the context. Without
+    heads: the context lookup alone.
+    """
+    if dec.heads is None:
+        return _lookup(dec)
+    lm = "ngram" if dec.ngram_path is not None else "0gram"
+    return resolve(f"bpd-{lm}-p{FAST_PBEST}-fit-ctx")(dec)
+
+
+METHODS: dict[str, Factory] = {"ar": _ar, "bpd": _bpd, "lookup": _lookup, "fast": _fast}
 
 
 def resolve(name: str) -> Factory:
@@ -112,5 +134,20 @@ def _fit_family(name: str) -> Factory | None:
     return build
 
 
-FAMILIES: list[Callable[[str], Factory | None]] = [_pbest_family, _neural_family, _fit_family]
-FAMILY_HELP: list[str] = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural", "{method}-fit"]
+def _ctx_family(name: str) -> Factory | None:
+    """{method}-ctx: any method's drafts plus a draft looked up in the context (blockdraft.lookup)."""
+    from .lookup import ContextLookup
+
+    if not name.endswith("-ctx"):
+        return None
+    inner = resolve(name[: -len("-ctx")])
+
+    def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
+        drafter, refiner = inner(dec)
+        return drafter, ContextLookup(refiner)
+
+    return build
+
+
+FAMILIES: list[Callable[[str], Factory | None]] = [_pbest_family, _neural_family, _ctx_family, _fit_family]
+FAMILY_HELP: list[str] = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural", "{method}-fit", "{method}-ctx"]

@@ -8,8 +8,11 @@ pays, the step sends no draft at all, like plain decoding.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -31,21 +34,52 @@ class CostCurve:
         return float(np.interp(n, self.tokens, self.seconds))
 
 
-def measure_cost_curve(target, sizes=(1, 2, 4, 8, 16, 32), context: int = 200, reps: int = 3) -> CostCurve:
-    """Time the target's forward for each size after a `context`-token prefill (median of reps)."""
-    filler = [int(t) % 1000 + 100 for t in range(context)]
-    seconds = []
-    for n in sizes:
-        runs = []
-        for _ in range(reps):
-            target.prefill(filler)
+def measure_cost_curve(target, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), context: int = 200,
+                       rounds: int = 5) -> CostCurve:
+    """Time the target's forward for each size after a `context`-token prefill.
+
+    Rounds sweep all sizes in turn, so a slow spell of a shared machine hits every size alike;
+    each size keeps its median, and the curve is made non-decreasing (a bigger input never
+    costs less), which keeps the fitted draft sizes stable from run to run.
+    """
+    vocab = target.lm_head.weight.shape[0]
+    context = max(1, min(context, target.max_positions - max(sizes) - 1))
+    filler = [(t * 7919 + 100) % vocab for t in range(context)]
+    runs: dict[int, list[float]] = {n: [] for n in sizes}
+    target.prefill(filler)
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for n in sizes:
             tree = build_tree(filler[-1], [filler[:n - 1]])
             began = time.perf_counter()
             target.forward(tree)
-            runs.append(time.perf_counter() - began)
-        seconds.append(sorted(runs)[reps // 2])
+            if round_:
+                runs[n].append(time.perf_counter() - began)
+            target.rollback(n)  # back to the same context for the next size
     target.reset()
-    return CostCurve(tuple(sizes), tuple(seconds))
+    medians = np.maximum.accumulate([float(np.median(runs[n])) for n in sizes])
+    return CostCurve(tuple(sizes), tuple(medians.tolist()))
+
+
+def cached_cost_curve(target, key: dict, folder: Path) -> CostCurve:
+    """The cost curve for this model on this machine, measured once and kept as JSON in `folder`.
+
+    `key` names what the curve depends on (model weights, device, dtype, threads, CPU...); a new
+    key measures again (about 6 s for SmolLM2-135M here). Delete the file to re-measure.
+    """
+    name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(folder) / f"cost-curve-{name}.json"
+    try:
+        saved = json.loads(path.read_text())
+        return CostCurve(tuple(saved["tokens"]), tuple(saved["seconds"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    curve = measure_cost_curve(target)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"key": key, "tokens": curve.tokens, "seconds": curve.seconds}, indent=1) + "\n")
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+    return curve
 
 
 def fit_drafts(drafts: list[list[int]], lattice: Lattice, cost: CostCurve) -> list[list[int]]:

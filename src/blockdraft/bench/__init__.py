@@ -16,7 +16,7 @@ from .datasets import DEFAULT_PROMPTS, MT_BENCH, load_questions
 from .runner import RUNNERS, run_bench
 
 __all__ = ["DEFAULT_PROMPTS", "MT_BENCH", "RUNNERS", "add_parser", "cmd_bench", "load_questions", "run_bench"]
-DEFAULT_METHODS = "ar,bpd,hf-greedy,hf-pld"
+DEFAULT_METHODS = "ar,bpd,fast,hf-greedy,hf-pld"
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..api import Decoder
+from ..cpu import cpu_model
 from ..errors import BlockdraftError
 from ..methods import resolve
 from ..models import gguf_file
@@ -342,16 +343,6 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(decoder: Decoder, threads: int) -> dict:
     """Where and with what the numbers were measured."""
     device = decoder.loaded.device
@@ -359,7 +350,7 @@ def environment(decoder: Decoder, threads: int) -> dict:
         "model": decoder.loaded.name, "heads": decoder.heads_path, "dtype": str(decoder.loaded.model.dtype),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {p: _version(p) for p in ("torch", "transformers", "numpy", "blockdraft", "llama_cpp_python")},
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "platform": platform.platform(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB

@@ -7,8 +7,8 @@ from ..types import Lattice
 
 
 class Refiner(Protocol):
-    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
-        """Drafts, best first; deterministic given the lattice and the committed ids."""
+    def refine(self, lattice: Lattice | None, context: list[int]) -> list[list[int]]:
+        """Drafts, best first; deterministic given the lattice (None: no drafter) and the committed ids."""
         ...
 
     def accept(self, context: list[int]) -> None:
@@ -19,8 +19,8 @@ class Refiner(Protocol):
 class ArgmaxRefiner:
     """One draft: each head's top-1 token (Stern et al.'s block draft)."""
 
-    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
-        return [lattice.tokens[:, 0].tolist()]
+    def refine(self, lattice: Lattice | None, context: list[int]) -> list[list[int]]:
+        return [lattice.tokens[:, 0].tolist()] if lattice is not None else []
 
     def accept(self, context: list[int]) -> None:
         pass

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class HeadsTrainConfig:
     seed: int = 0
     max_tokens: int = 0  # use at most this many answer positions (0: all)
     max_seconds: float = 0  # time budget: the schedule shrinks to fit it (0: none)
+    draft_vocab: int = 16384  # draft only the N most frequent answer tokens (0: the full vocabulary)
 
 
 @dataclass
@@ -65,6 +67,35 @@ def load_sequences(data_dir: Path) -> tuple[list[tuple[list[int], int]], dict]:
     if not seqs:
         raise BlockdraftError(f"{data_dir}/{DATA_FILE} holds no usable records")
     return seqs, json.loads(meta_path.read_text())
+
+
+def draft_vocabulary(seqs: list, size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens, most frequent first (ties: lower id first)."""
+    counts: Counter[int] = Counter()
+    for ids, prompt_len, _ in seqs:
+        counts.update(ids[prompt_len:])
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return torch.tensor([token for token, _ in ranked[:size]], dtype=torch.long)
+
+
+def add_draft_vocab(heads_dir: str | Path, data_dir: str | Path, size: int) -> float:
+    """Give saved heads a draft vocabulary from distillation data; returns the answer-token coverage."""
+    from ..heads import load_heads
+
+    heads = load_heads(heads_dir)
+    seqs, _ = load_sequences(Path(data_dir))
+    vocab = draft_vocabulary(seqs, size)
+    heads.set_draft_vocab(vocab)
+    coverage = vocab_coverage(seqs, vocab)
+    heads.config.training["draft_vocab"] = {"size": len(vocab), "coverage": round(coverage, 4), "data": str(data_dir)}
+    heads.save(heads_dir)
+    return coverage
+
+
+def vocab_coverage(seqs: list, vocab: torch.Tensor) -> float:
+    keep = set(vocab.tolist())
+    answers = [t for ids, prompt_len, _ in seqs for t in ids[prompt_len:]]
+    return sum(t in keep for t in answers) / max(1, len(answers))
 
 
 @torch.inference_mode()
@@ -233,11 +264,14 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
             break
     report = evaluate(heads, proj, data, held_idx, cfg.batch_positions)
     sources = sorted({s for _, _, s in seqs if s})
+    if cfg.draft_vocab:
+        heads.set_draft_vocab(draft_vocabulary(seqs, cfg.draft_vocab))
     heads.config.training = {
         "data": str(data_dir), "sources": sources, "sequences": len(seqs), "train_positions": int(len(train_idx)),
         "heldout_positions": report["positions"], "epochs": round(done / steps_per_epoch, 2), "steps": done, "seed": cfg.seed, "config": asdict(cfg),
         "train_seconds": round(elapsed, 1), "device": str(dev), "heldout_top1": report["top1"],
         "heldout_top5": report["top5"], "heldout_loss": report["loss"], "distill": meta,
+        "draft_vocab": {"size": cfg.draft_vocab, "coverage": round(vocab_coverage(seqs, heads.draft_vocab), 4)} if cfg.draft_vocab else None,
     }
     heads.save(out)
     return heads, report
