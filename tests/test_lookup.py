@@ -104,3 +104,22 @@ def test_default_method_matches_plain_decoding(method, tmp_path, monkeypatch):
     got = dec.generate(ids=prompt, method=method, max_new_tokens=30)
     assert got.ids == want.ids
     assert got.steps <= want.steps
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_neural_rescoring_is_lossless_and_keeps_its_cache_in_step(tiny_models, seed):
+    import warnings
+
+    from blockdraft.refine.neural import NeuralRefiner, Rescorer
+    from blockdraft.testing import tiny_llama
+
+    model = tiny_models(seed)
+    rescorer = Rescorer(tiny_llama(seed + 10, torch.float32), {"default": 1.0})
+    refiner = NeuralRefiner(rescorer, alpha=2.0)
+    prompt = _repetitive_prompt(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the cache goes by the keyword this transformers wants
+        got = generate(TargetModel(model), HeadsDrafter(random_heads(model, 3, seed), model.get_output_embeddings(), topk=4),
+                       refiner, prompt, DecodeConfig(max_new_tokens=25))
+    assert got.ids == reference_greedy(model, prompt, 25)
+    assert rescorer.ids == (prompt + got.ids)[: len(rescorer.ids)] and rescorer.cache.get_seq_length() == len(rescorer.ids)

@@ -51,7 +51,7 @@ class DraftHeads(nn.Module):
             nn.init.zeros_(block.bias)
         if config.draft_vocab_size:
             self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        self._projection: tuple[int, torch.Tensor] | None = None  # (lm_head weight id, its draft rows)
+        self._projection: tuple[int, torch.Tensor] | None = None  # (id of the lm_head weight, its draft rows)
 
     @property
     def num_heads(self) -> int:
@@ -79,15 +79,16 @@ class DraftHeads(nn.Module):
             return self.logits(hidden[None], lm_head)[0], None
         weight = lm_head.weight
         if self._projection is None or self._projection[0] != id(weight):
-            rows = weight.detach()[self.draft_vocab].contiguous()
-            linear = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device=rows.device, dtype=rows.dtype)
-            linear.weight = nn.Parameter(rows, requires_grad=False)
-            if type(lm_head) is not nn.Linear and rows.device.type == "cpu":  # the model runs oneDNN linears
-                from .cpu import OneDNNLinear
-                linear = OneDNNLinear(linear)
-            self._projection = (id(weight), linear)
+            rows = weight.detach()[self.draft_vocab]  # [V', H], a copy: 36 MB for SmolLM2 in float32
+            if type(lm_head) is not nn.Linear and rows.device.type == "cpu" and rows.dtype == torch.float32:
+                rows = rows.to_mkldnn()  # the model runs oneDNN linears (blockdraft.cpu): pack like them
+            self.register_buffer("draft_rows", rows, persistent=False)  # counted with the heads' memory
+            self._projection = (id(weight), rows)
+        rows = self._projection[1]
         states = self(hidden[None])[0].to(weight.dtype)  # [K, H]
-        return self._projection[1](states), self.draft_vocab
+        if rows.is_mkldnn:
+            return torch._C._nn.mkldnn_linear(states.to_mkldnn(), rows, None).to_dense(), self.draft_vocab
+        return nn.functional.linear(states, rows), self.draft_vocab
 
     def check_compatible(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
         """Refuse heads made for another model: sizes always, weights when both fingerprints exist."""

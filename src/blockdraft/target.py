@@ -16,6 +16,11 @@ from .errors import BlockdraftError
 from .tree import TokenTree
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a HF model takes its KV cache by: `cache` in transformers >= 5.2x, else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TargetModel:
     """Adapter over an unmodified Hugging Face CausalLM whose logits are lm_head(final hidden)."""
 
@@ -26,9 +31,7 @@ class TargetModel:
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.cache = None
         self.calls = 0  # forwards since the last reset, the prefill included
-        # transformers >= 5.2x calls the cache argument `cache`; earlier 5.x `past_key_values`
-        params = inspect.signature(self.body.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_argument(self.body)
 
     @property
     def device(self) -> torch.device:

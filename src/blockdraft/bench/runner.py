@@ -40,7 +40,7 @@ from . import report
 
 WARMUP_TOKENS = 8
 PLD_TOKENS = 10  # prompt_lookup_num_tokens of hf-pld and llamacpp-pld
-MEMORY_DEPTH = 2  # attribute levels below a drafter / refiner searched for weights
+MEMORY_DEPTH = 5  # attribute levels below a drafter / refiner searched for weights (wrapped refiners nest)
 
 
 @dataclass
@@ -281,6 +281,12 @@ def warm_up(decoder: Decoder, runners: dict[str, TurnFn], question: dict, max_ne
 # What the methods cost in memory, and where they ran
 
 
+def _tensor_bytes(t: torch.Tensor, exclude: set[int]) -> int:
+    """Bytes of a tensor that is not the base model's (by storage, or by identity for oneDNN-packed ones)."""
+    key = id(t) if t.is_mkldnn else t.data_ptr()
+    return 0 if key in exclude else t.numel() * t.element_size()
+
+
 def _nbytes(obj, exclude: set[int], seen: set[int], depth: int = 0) -> int:
     """Bytes of torch modules / tensors and numpy arrays reachable from obj within MEMORY_DEPTH
     attribute levels (containers do not count as a level); the base model's tensors excluded."""
@@ -288,12 +294,9 @@ def _nbytes(obj, exclude: set[int], seen: set[int], depth: int = 0) -> int:
         return 0
     seen.add(id(obj))
     if isinstance(obj, torch.nn.Module):
-        tensors = chain(obj.parameters(), obj.buffers())
-        return sum(t.numel() * t.element_size() for t in tensors if not t.is_mkldnn and t.data_ptr() not in exclude)
+        return sum(_tensor_bytes(t, exclude) for t in chain(obj.parameters(), obj.buffers()))
     if isinstance(obj, torch.Tensor):
-        if obj.is_mkldnn:  # oneDNN-packed copies of the model's own weights (blockdraft.cpu)
-            return 0
-        return 0 if obj.data_ptr() in exclude else obj.numel() * obj.element_size()
+        return _tensor_bytes(obj, exclude)
     if isinstance(obj, np.ndarray):
         return int(obj.nbytes)
     if isinstance(obj, dict):
@@ -320,7 +323,7 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
 def added_memory(decoder: Decoder, name: str, peak_tree_nodes: int | None) -> dict:
     """Weights of the method's heads and refiners plus its peak draft-tree KV cache, in MB."""
     model = decoder.loaded.model
-    exclude = {t.data_ptr() for t in chain(model.parameters(), model.buffers()) if not t.is_mkldnn}
+    exclude = {id(t) if t.is_mkldnn else t.data_ptr() for t in chain(model.parameters(), model.buffers())}
     parts = () if name in RUNNERS else resolve(name)(decoder)
     weights = _nbytes(list(parts), exclude, set())
     per_token = kv_bytes_per_token(model)

@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from ..errors import BlockdraftError
+from ..target import cache_argument
 from ..types import Lattice
 
 META = "rescorer.json"
@@ -27,12 +29,14 @@ class Rescorer:
         self.ids: list[int] = []
         self.cache = None
         self.last: torch.Tensor | None = None  # [V] log-probs after self.ids
+        self._cache_arg = cache_argument(model)
 
     @torch.inference_mode()
     def read(self, new: list[int]) -> torch.Tensor:
         """Append ids to the cache; returns log-probs after each of them [n, V]."""
-        out = self.model(input_ids=torch.tensor([new]), past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=torch.tensor([new]), use_cache=True, **{self._cache_arg: self.cache})
         self.ids += new
         return torch.log_softmax(out.logits[0].float(), dim=-1)
 
