@@ -7,7 +7,8 @@ Each step (Stern et al. 2018, with Kim et al. 2024's refinement stage):
                target's own next token (bonus or recovered): `committed` tokens
   4. commit  = the cache keeps the path only (invariant: cache length == len(ids) - 1)
   5. draft   = heads on the hidden state of the last accepted node -> lattice -> refiner ->
-               drafts for the next step (no extra target call)
+               drafts for the next step (no extra target call); a refiner may add drafts
+               copied from the context (blockdraft.lookup)
 Plain decoding is the same loop with an empty draft, so comparisons are fair.
 """
 from __future__ import annotations
