@@ -30,10 +30,15 @@ class OneDNNLinear(nn.Module):
         return self.dense.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1]).contiguous().to_mkldnn()
-        y = torch._C._nn.mkldnn_linear(flat, self.packed, self.bias).to_dense()
-        return y.reshape(*shape[:-1], self.out_features)
+        return packed_linear(x, self.packed, self.bias)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ packed^T (+ bias) with a oneDNN-packed weight [out, in]; a dense result."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1]).contiguous().to_mkldnn()
+    y = torch._C._nn.mkldnn_linear(flat, packed, bias).to_dense()
+    return y.reshape(*shape[:-1], packed.shape[0])
 
 
 def use_onednn_linears(model: nn.Module) -> int:

@@ -51,7 +51,7 @@ class DraftHeads(nn.Module):
             nn.init.zeros_(block.bias)
         if config.draft_vocab_size:
             self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        self._projection: tuple[int, torch.Tensor] | None = None  # (id of the lm_head weight, its draft rows)
+        self._rows_of: int | None = None  # id of the lm_head weight whose rows `draft_rows` holds
 
     @property
     def num_heads(self) -> int:
@@ -71,24 +71,25 @@ class DraftHeads(nn.Module):
         """Restrict drafting to these token ids (most useful first)."""
         self.config.draft_vocab_size = len(ids)
         self.register_buffer("draft_vocab", torch.as_tensor(ids, dtype=torch.long).to(self.blocks[0].weight.device))
-        self._projection = None
+        self._rows_of = None
 
     def draft_logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden [H] -> (logits [K, V'], token id of each column or None when V' is the full vocabulary)."""
         if not self.config.draft_vocab_size:
             return self.logits(hidden[None], lm_head)[0], None
+        from .cpu import OneDNNLinear, packed_linear
+
         weight = lm_head.weight
-        if self._projection is None or self._projection[0] != id(weight):
+        if self._rows_of != id(weight):  # first call, or another lm_head: copy its draft rows once
             rows = weight.detach()[self.draft_vocab]  # [V', H], a copy: 36 MB for SmolLM2 in float32
-            if type(lm_head) is not nn.Linear and rows.device.type == "cpu" and rows.dtype == torch.float32:
-                rows = rows.to_mkldnn()  # the model runs oneDNN linears (blockdraft.cpu): pack like them
+            if isinstance(lm_head, OneDNNLinear):  # the model runs oneDNN linears: pack like them
+                rows = rows.to_mkldnn()
             self.register_buffer("draft_rows", rows, persistent=False)  # counted with the heads' memory
-            self._projection = (id(weight), rows)
-        rows = self._projection[1]
+            self._rows_of = id(weight)
         states = self(hidden[None])[0].to(weight.dtype)  # [K, H]
-        if rows.is_mkldnn:
-            return torch._C._nn.mkldnn_linear(states.to_mkldnn(), rows, None).to_dense(), self.draft_vocab
-        return nn.functional.linear(states, rows), self.draft_vocab
+        if self.draft_rows.is_mkldnn:
+            return packed_linear(states, self.draft_rows), self.draft_vocab
+        return nn.functional.linear(states, self.draft_rows), self.draft_vocab
 
     def check_compatible(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
         """Refuse heads made for another model: sizes always, weights when both fingerprints exist."""

@@ -117,37 +117,34 @@ CATEGORY_DOMAIN = {"writing": "writing", "roleplay": "roleplay", "reasoning": "c
                    "math_reasoning": "math", "rag": "rag"}
 
 
-def _fit_family(name: str) -> Factory | None:
+def _suffix_family(suffix: str, wrap: Callable[["Decoder", Drafter, Refiner], tuple[Drafter, Refiner]]):
+    """A family `{method}{suffix}`: the inner method's drafter and refiner, passed through `wrap`."""
+
+    def family(name: str) -> Factory | None:
+        if not name.endswith(suffix):
+            return None
+        inner = resolve(name[: -len(suffix)])
+        return lambda dec: wrap(dec, *inner(dec))
+
+    return family
+
+
+def _fitted(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter, Refiner]:
     """{method}-fit: any heads method with its drafts sized to the measured cost curve."""
     from .sizing import FittedRefiner
 
-    if not name.endswith("-fit"):
-        return None
-    inner = resolve(name[: -len("-fit")])
-
-    def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
-        drafter, refiner = inner(dec)
-        if isinstance(drafter, HeadsDrafter):
-            drafter.topk = max(drafter.topk, 4)  # probabilities of the drafted tokens
-        return drafter, FittedRefiner(refiner, dec.cost_curve())
-
-    return build
+    if isinstance(drafter, HeadsDrafter):
+        drafter.topk = max(drafter.topk, 4)  # probabilities of the drafted tokens
+    return drafter, FittedRefiner(refiner, dec.cost_curve())
 
 
-def _ctx_family(name: str) -> Factory | None:
+def _with_context(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter, Refiner]:
     """{method}-ctx: any method's drafts plus a draft looked up in the context (blockdraft.lookup)."""
     from .lookup import ContextLookup
 
-    if not name.endswith("-ctx"):
-        return None
-    inner = resolve(name[: -len("-ctx")])
-
-    def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
-        drafter, refiner = inner(dec)
-        return drafter, ContextLookup(refiner)
-
-    return build
+    return drafter, ContextLookup(refiner)
 
 
-FAMILIES: list[Callable[[str], Factory | None]] = [_pbest_family, _neural_family, _ctx_family, _fit_family]
+FAMILIES: list[Callable[[str], Factory | None]] = [_pbest_family, _neural_family, _suffix_family("-ctx", _with_context),
+                                                   _suffix_family("-fit", _fitted)]
 FAMILY_HELP: list[str] = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural", "{method}-fit", "{method}-ctx"]
