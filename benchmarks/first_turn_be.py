@@ -7,6 +7,9 @@ for losslessness (use ar).
 
     python benchmarks/first_turn_be.py --methods ar,fast,bpd --out runs/first-turn.jsonl --max-minutes 50
     python benchmarks/first_turn_be.py --summary runs/first-turn.jsonl
+
+Each output file belongs to one set of heads (--heads); copy another run's `ar` lines into a new
+file to reuse them as the reference.
 """
 from __future__ import annotations
 
@@ -27,13 +30,13 @@ def round_robin(questions: list[dict]) -> list[dict]:
     return [q for group in zip_longest(*by_category.values()) for q in group if q is not None]
 
 
-def run(methods: list[str], out: Path, max_minutes: float, max_new_tokens: int, threads: int) -> None:
+def run(methods: list[str], out: Path, max_minutes: float, max_new_tokens: int, threads: int, heads: str) -> None:
     import blockdraft
     from blockdraft.bench.datasets import load_questions
 
     torch.set_num_threads(threads)
     done = {(r["question_id"], r["method"]) for r in _read(out)}
-    dec = blockdraft.load()
+    dec = blockdraft.load(heads=heads)
     began = time.time()
     with out.open("a", encoding="utf-8") as sink:
         for q in round_robin(load_questions()):
@@ -78,9 +81,10 @@ if __name__ == "__main__":
     ap.add_argument("--max-minutes", type=float, default=600)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heads", default="default", help="draft heads folder (default: the shipped heads)")
     ap.add_argument("--summary", type=Path, help="print block efficiency per method and category of a finished run")
     args = ap.parse_args()
     if args.summary:
         summary(args.summary)
     else:
-        run(args.methods.split(","), args.out, args.max_minutes, args.max_new_tokens, args.threads)
+        run(args.methods.split(","), args.out, args.max_minutes, args.max_new_tokens, args.threads, args.heads)

@@ -8,7 +8,7 @@ from blockdraft.heads import load_heads
 from blockdraft.models import LoadedModel, model_fingerprint
 from blockdraft.testing import tiny_llama, tiny_tokenizer
 from blockdraft.train.distill import DistillConfig, distill
-from blockdraft.train.heads import HeadsTrainConfig, head_targets, train_heads
+from blockdraft.train.heads import HeadsTrainConfig, following_tokens, train_heads
 
 
 @pytest.fixture()
@@ -38,10 +38,31 @@ def test_distill_resumes_and_reports_bad_lines(loaded, tmp_path, capsys):
         distill(loaded, prompts, out, DistillConfig(max_new_tokens=9))
 
 
-def test_head_targets_are_shifted_by_head_index():
-    t = head_targets([([10, 11, 12, 13, 14], 2, "")], num_heads=2).tolist()
-    # positions t = 1, 2, 3 (prompt length 2): head 1 -> x[t+2], head 2 -> x[t+3]
-    assert t == [[13, 14], [14, -100], [-100, -100]]
+def test_following_tokens_hold_next_token_then_head_targets():
+    t = following_tokens([([10, 11, 12, 13, 14], 2, "")], num_heads=2).tolist()
+    # positions t = 1, 2, 3 (prompt length 2): x[t+1] (base model), head 1 -> x[t+2], head 2 -> x[t+3]
+    assert t == [[12, 13, 14], [13, 14, -100], [14, -100, -100]]
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_heads_learn_a_deterministic_answer(loaded, tmp_path, chain):
+    """Answers that repeat one pattern: trained heads (plain or chained) must predict it better than chance."""
+    import torch
+
+    from blockdraft.train.distill import DATA_FILE, META_FILE
+
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / META_FILE).write_text(json.dumps({"model": "tiny", "model_fingerprint": loaded.fingerprint}))
+    rows = [{"id": f"q{i}", "prompt_ids": [1, 2 + i % 7], "answer_ids": [(5 + 3 * j) % 64 for j in range(i % 5, i % 5 + 30)]}
+            for i in range(40)]
+    (data / DATA_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    cfg = HeadsTrainConfig(num_heads=2, epochs=30, batch_positions=64, lr=1e-2, heldout=0.2, draft_vocab=32, chain=chain)
+    heads, report = train_heads(loaded, data, tmp_path / "h", cfg)
+    assert min(report["top1"]) > 0.5, report  # chance is 1/32
+    saved = load_heads(tmp_path / "h")
+    assert saved.config.chain is chain and saved.config.draft_vocab_size == 32
 
 
 def test_train_heads_saves_resumes_and_refuses_mismatch(loaded, tmp_path):

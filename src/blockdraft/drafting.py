@@ -37,12 +37,16 @@ class HeadsDrafter:
 
     @torch.inference_mode()
     def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice:
-        entropy = None
-        if self.with_entropy:  # analysis: entropy over the full vocabulary, the same drafts as without it
-            full = torch.log_softmax(self.heads.logits(hidden[None], self.lm_head)[0, : self.num_heads].float(), -1)
-            entropy = -(full.exp() * full).sum(-1)  # [K]
-        logits, vocab = self.heads.draft_logits(hidden, self.lm_head)
-        logprobs = torch.log_softmax(logits[: self.num_heads].float(), dim=-1)  # [K, V']
+        logits, vocab = self.heads.draft_logits(hidden, self.lm_head, context[-1], self.num_heads)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [K, V']
         top = logprobs.topk(self.topk, dim=-1)
         tokens = top.indices if vocab is None else vocab[top.indices]
-        return Lattice(tokens=tokens.cpu(), logprobs=top.values.cpu(), entropy=None if entropy is None else entropy.cpu())
+        entropy = self._entropy(hidden, [context[-1]] + tokens[:, 0].tolist()) if self.with_entropy else None
+        return Lattice(tokens=tokens.cpu(), logprobs=top.values.cpu(), entropy=entropy)
+
+    def _entropy(self, hidden: torch.Tensor, chain: list[int]) -> torch.Tensor:
+        """Analysis: each head's entropy over the full vocabulary (chained heads read the drafted chain)."""
+        k = self.heads.num_heads
+        before = torch.tensor((chain + [0] * k)[:k])[None]
+        full = torch.log_softmax(self.heads.logits(hidden[None], self.lm_head, before)[0, : self.num_heads].float(), -1)
+        return (-(full.exp() * full).sum(-1)).cpu()  # [K]

@@ -6,6 +6,14 @@ the paper's head j+1) predicts x[t+1+j] from the same h[t]. Each draft head is o
 feed-forward block, h + SiLU(W h + b) (Stern et al. 2018; Medusa-1), followed by the base
 model's own frozen output projection, so a head adds only H*H + H parameters.
 
+Chained heads (`HeadsConfig.chain`, Hydra-style) also read the tokens before their target:
+head j sees [h; e(x[t+1]); ...; e(x[t+j])], where e is the row of the output projection and
+x[t+1] is the base model's own next token (already committed when the draft is made). While
+drafting, the later tokens are the heads' own guesses, so the heads run one after another
+(K small steps, no base-model call); a guess only matters if every earlier one was right, so
+teacher forcing trains exactly what verification rewards. On a 90k-position probe, chained
+heads kept 0.37 draft tokens per step against 0.25 for the plain ones.
+
 A draft vocabulary (the most frequent answer tokens of the training data, stored with the
 heads) restricts that projection when drafting: 16,384 of SmolLM2's 49,152 rows cover 99.3%
 of the distilled answer tokens and cost a third of the time. Drafts outside it are simply not
@@ -36,6 +44,7 @@ class HeadsConfig:
     base_fingerprint: str = ""  # models.model_fingerprint of that model
     training: dict = field(default_factory=dict)  # data, tokens, epochs, seed, time, accuracy...
     draft_vocab_size: int = 0  # rows of the projection used when drafting (0: the full vocabulary)
+    chain: bool = False  # head j also reads the embeddings of the j tokens before its target
 
 
 class DraftHeads(nn.Module):
@@ -45,7 +54,8 @@ class DraftHeads(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
-        self.blocks = nn.ModuleList(nn.Linear(h, h) for _ in range(config.num_heads))
+        inputs = [h * (1 + j if config.chain else 1) for j in range(1, config.num_heads + 1)]
+        self.blocks = nn.ModuleList(nn.Linear(n, h) for n in inputs)
         for block in self.blocks:  # zero-init: every head starts as the base model's next-token guess
             nn.init.zeros_(block.weight)
             nn.init.zeros_(block.bias)
@@ -57,14 +67,28 @@ class DraftHeads(nn.Module):
     def num_heads(self) -> int:
         return self.config.num_heads
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> head states [..., K, H] (project with the base lm_head for logits)."""
-        hidden = hidden.to(self.blocks[0].weight.dtype)
-        return torch.stack([hidden + nn.functional.silu(b(hidden)) for b in self.blocks], dim=-2)
+    def forward(self, hidden: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] -> head states [..., K, H] (project with the base lm_head for logits).
 
-    def logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-        """hidden [..., H] -> draft logits [..., K, V] through the shared frozen projection."""
-        states = self(hidden).to(lm_head.weight.dtype)
+        Chained heads need `before` [..., K, H]: embeddings of x[t+1..t+K], head j reads the first j.
+        """
+        dtype = self.blocks[0].weight.dtype
+        hidden = hidden.to(dtype)
+        if self.config.chain and before is None:
+            raise ValueError("chained draft heads need the embeddings of the tokens before each target")
+        states = []
+        for j, block in enumerate(self.blocks, 1):
+            x = torch.cat([hidden, before[..., :j, :].to(dtype).flatten(-2)], -1) if self.config.chain else hidden
+            states.append(hidden + nn.functional.silu(block(x)))
+        return torch.stack(states, dim=-2)
+
+    def logits(self, hidden: torch.Tensor, lm_head: nn.Module, before_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [..., H] -> draft logits [..., K, V] through the shared frozen projection.
+
+        Chained heads are teacher-forced on `before_ids` [..., K] = x[t+1..t+K] (ids past the end: any).
+        """
+        before = None if not self.config.chain else embed(lm_head, before_ids)
+        states = self(hidden, before).to(lm_head.weight.dtype)
         return lm_head(states)
 
     def set_draft_vocab(self, ids: torch.Tensor) -> None:
@@ -73,10 +97,32 @@ class DraftHeads(nn.Module):
         self.register_buffer("draft_vocab", torch.as_tensor(ids, dtype=torch.long).to(self.blocks[0].weight.device))
         self._rows_of = None
 
-    def draft_logits(self, hidden: torch.Tensor, lm_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden [H] -> (logits [K, V'], token id of each column or None when V' is the full vocabulary)."""
+    def draft_logits(self, hidden: torch.Tensor, lm_head: nn.Module, next_token: int | None = None,
+                     num_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden [H] -> (logits [K', V'] of the first K' heads, token id of each column or None for the full vocabulary).
+
+        Chained heads start from `next_token` (x[t+1]) and feed each head's argmax to the next.
+        """
+        num_heads = min(num_heads or self.num_heads, self.num_heads)
+        project, vocab = self._draft_projection(lm_head)
+        if not self.config.chain:
+            return project(self(hidden[None])[0, :num_heads]), vocab
+        if next_token is None:
+            raise ValueError("chained draft heads need the base model's next token")
+        dtype, weight = self.blocks[0].weight.dtype, lm_head.weight
+        hidden = hidden.to(dtype)
+        inputs, rows = [hidden, weight[next_token].to(dtype)], []
+        for block in self.blocks[:num_heads]:
+            state = hidden + nn.functional.silu(block(torch.cat(inputs)))
+            rows.append(project(state[None])[0])
+            best = int(rows[-1].argmax())
+            inputs.append(weight[best if vocab is None else int(vocab[best])].to(dtype))
+        return torch.stack(rows), vocab
+
+    def _draft_projection(self, lm_head: nn.Module):
+        """(states [N, H] -> logits [N, V'], column ids or None): the draft-vocabulary rows, packed like lm_head."""
         if not self.config.draft_vocab_size:
-            return self.logits(hidden[None], lm_head)[0], None
+            return (lambda states: lm_head(states.to(lm_head.weight.dtype))), None
         from .cpu import OneDNNLinear, packed_linear
 
         weight = lm_head.weight
@@ -86,10 +132,9 @@ class DraftHeads(nn.Module):
                 rows = rows.to_mkldnn()
             self.register_buffer("draft_rows", rows, persistent=False)  # counted with the heads' memory
             self._rows_of = id(weight)
-        states = self(hidden[None])[0].to(weight.dtype)  # [K, H]
         if self.draft_rows.is_mkldnn:
-            return packed_linear(states, self.draft_rows), self.draft_vocab
-        return nn.functional.linear(states, self.draft_rows), self.draft_vocab
+            return (lambda states: packed_linear(states.to(weight.dtype), self.draft_rows)), self.draft_vocab
+        return (lambda states: nn.functional.linear(states.to(weight.dtype), self.draft_rows)), self.draft_vocab
 
     def check_compatible(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
         """Refuse heads made for another model: sizes always, weights when both fingerprints exist."""
@@ -118,6 +163,19 @@ class DraftHeads(nn.Module):
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
         (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=2) + "\n")
         return folder
+
+
+def embed(lm_head: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Token ids [...] -> rows of the output projection [..., H]: the chained heads' token features."""
+    weight = lm_head.weight
+    return weight[ids.clamp(0, weight.shape[0] - 1).to(weight.device)]
+
+
+def following_ids(ids: list[int], first: int, count: int, k: int) -> torch.Tensor:
+    """[count, k] ids: row r holds ids[t+1 .. t+k] for t = first + r (0 past the end), what chained heads read."""
+    padded = torch.tensor(list(ids) + [0] * (k + 1), dtype=torch.long)
+    t = torch.arange(first, first + count)
+    return padded[t[:, None] + 1 + torch.arange(k)[None, :]]
 
 
 def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DraftHeads:

@@ -15,6 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .types import Lattice
+from .verify import common_prefix_length
 
 
 def find_continuation(context: list[int] | np.ndarray, max_ngram: int = 3, min_ngram: int = 2,
@@ -54,11 +55,7 @@ class ContextLookup:
         """Grow the length after a fully accepted lookup draft, shrink it to what was kept otherwise."""
         if self._last is not None:
             start, draft = self._last
-            kept = 0
-            for drafted, committed in zip(draft, context[start:]):
-                if drafted != committed:
-                    break
-                kept += 1
+            kept = common_prefix_length(draft, context[start:])
             self.length = min(self.max_length, self.length + 2) if kept == len(draft) else max(self.min_length, kept + 1)
             self._last = None
         if self.inner is not None:

@@ -27,10 +27,11 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, vocab: int = 6
     return model.requires_grad_(False)
 
 
-def random_heads(model, num_heads: int, seed: int = 0) -> DraftHeads:
+def random_heads(model, num_heads: int, seed: int = 0, chain: bool = False) -> DraftHeads:
     """Heads with random (not zero) weights, matching the model's sizes."""
     torch.manual_seed(seed)
-    cfg = HeadsConfig(num_heads=num_heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size)
+    cfg = HeadsConfig(num_heads=num_heads, hidden_size=model.config.hidden_size, vocab_size=model.config.vocab_size,
+                      chain=chain)
     heads = DraftHeads(cfg).to(next(model.parameters()).dtype)
     with torch.no_grad():
         for p in heads.parameters():

@@ -7,6 +7,16 @@ from .tree import TokenTree
 from .types import Verdict
 
 
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two sequences share: `common_prefix_length([1, 2, 3], [1, 2, 4])` is 2."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def accept_greedy(tree: TokenTree, target_tokens: torch.Tensor | list[int]) -> Verdict:
     """Longest path whose every token equals the target's greedy choice at its parent.
 

@@ -23,6 +23,7 @@ import torch
 
 from ..bench.datasets import MT_BENCH, group_of
 from ..errors import BlockdraftError
+from ..heads import following_ids
 from .metrics import (accepted_length, draft_targets, h_max, head_entropy_summary, oracle_bound_steps, oracle_walk,
                       pearson_r, repetition_of_drafts, run_lengths, topk_accuracy, topk_hits)
 
@@ -100,9 +101,10 @@ def teacher_forced_topk(decoder, prompt: list[int], out: list[int], k: int, chun
         return np.zeros((0, heads.num_heads, k), dtype=np.int64)
     seq = torch.tensor([prompt + out[:-2]], device=target.device)  # the last hidden needed: index P + T - 3
     hidden = target.body(input_ids=seq, use_cache=False).last_hidden_state[0, len(prompt) - 1:]  # [T-1, H]
+    before = following_ids(prompt + out, len(prompt) - 1, hidden.shape[0], heads.num_heads)  # chained heads' inputs
     rows = []
-    for part in hidden.split(chunk):
-        logits = heads.logits(part, target.lm_head).float()  # [C, K, V], as HeadsDrafter.propose
+    for part, part_before in zip(hidden.split(chunk), before.split(chunk)):
+        logits = heads.logits(part, target.lm_head, part_before).float()  # [C, K, V], as HeadsDrafter.propose
         rows.append(torch.log_softmax(logits, dim=-1).topk(k, dim=-1).indices.cpu())  # [C, K, k]
     return torch.cat(rows).numpy()
 

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 from ..errors import BlockdraftError
 from ..target import cache_argument
 from ..types import Lattice
+from ..verify import common_prefix_length
 
 META = "rescorer.json"
 
@@ -44,11 +45,7 @@ class Rescorer:
         """Make the cache hold exactly `context` (crop to the shared prefix, read the rest)."""
         if len(context) >= self.max_positions:  # restart on a recent window
             context, self.ids, self.cache = context[-self.max_positions // 2:], [], None
-        common = 0
-        for a, b in zip(self.ids, context):
-            if a != b:
-                break
-            common += 1
+        common = common_prefix_length(self.ids, context)
         if common == len(context) and common == len(self.ids) and self.last is not None:
             return
         common = min(common, len(context) - 1)  # re-read at least one token for fresh logits

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import BlockdraftError
+from ..heads import following_ids
 from .pbest import pbest_paths
 
 ALPHA_GRID = (0.1, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2.0, 5.0, 10.0)  # the paper's grid
@@ -40,8 +41,10 @@ def force(decoder, ids: list[int], prompt_len: int, topk: int, with_rescorer: bo
     x = torch.tensor([ids], device=decoder.target.device)
     hidden = decoder.target.body(input_ids=x).last_hidden_state[0]
     toks, lps = [], []
+    before = following_ids(ids, 0, len(ids), decoder.heads.num_heads)  # chained heads' inputs
     for first in range(0, len(ids), 64):  # [64, K, V] logits at a time
-        lp = torch.log_softmax(decoder.heads.logits(hidden[first:first + 64], decoder.target.lm_head).float(), -1)
+        part = slice(first, first + 64)
+        lp = torch.log_softmax(decoder.heads.logits(hidden[part], decoder.target.lm_head, before[part]).float(), -1)
         top = lp.topk(topk, dim=-1)
         toks.append(top.indices.cpu().numpy()); lps.append(top.values.cpu().numpy())
     resc = None

@@ -5,6 +5,10 @@ prompt token on) the base model's final hidden state h[t] is computed once and c
 (float16). Draft head j learns x[t+1+j] with cross-entropy through the frozen shared output
 projection (equal head weights, as in the paper). AdamW, linear warm-up, cosine decay,
 gradient clipping; a held-out split by sequence; checkpoints every epoch for --resume.
+
+With a draft vocabulary (the default) the loss runs over its rows only, as drafting does:
+3.5x cheaper per step on this CPU; targets outside it are skipped in the loss and counted as
+misses in the held-out accuracy. Steps run under bfloat16 autocast (1.4x faster here).
 """
 from __future__ import annotations
 
@@ -45,13 +49,35 @@ class HeadsTrainConfig:
     max_tokens: int = 0  # use at most this many answer positions (0: all)
     max_seconds: float = 0  # time budget: the schedule shrinks to fit it (0: none)
     draft_vocab: int = 16384  # draft only the N most frequent answer tokens (0: the full vocabulary)
+    chain: bool = False  # chained heads: head j also reads the j tokens before its target
 
 
 @dataclass
 class PositionData:
     hidden: torch.Tensor  # [N, H] float16, h[t] of each training position
-    targets: torch.Tensor  # [N, K] long, x[t+1+j] for head j, IGNORE past the answer's end
+    following: torch.Tensor  # [N, K+1] long, x[t+1..t+1+K], IGNORE past the answer's end
     sequences: int
+
+
+class Projection:
+    """The frozen output projection heads train through: all its rows, or the draft vocabulary's."""
+
+    def __init__(self, full: torch.Tensor, vocab: torch.Tensor | None):
+        self.full = full  # [V, H], also the chained heads' token embeddings
+        self.vocab = vocab  # [V'] token id of each used row, or None for all rows
+        self.rows = full if vocab is None else full[vocab].contiguous()  # [V', H]
+        if vocab is not None:
+            self._column = torch.full((full.shape[0],), IGNORE, dtype=torch.long, device=full.device)
+            self._column[vocab] = torch.arange(len(vocab), device=full.device)
+
+    def columns(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids -> row index in `rows` (IGNORE for IGNORE and for tokens outside the draft vocabulary)."""
+        if self.vocab is None:
+            return ids
+        return torch.where(ids >= 0, self._column[ids.clamp(min=0)], IGNORE)
+
+    def tokens(self, columns: torch.Tensor) -> torch.Tensor:
+        return columns if self.vocab is None else self.vocab[columns]
 
 
 def load_sequences(data_dir: Path) -> tuple[list[tuple[list[int], int]], dict]:
@@ -99,8 +125,12 @@ def vocab_coverage(seqs: list, vocab: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def hidden_states(loaded: LoadedModel, seqs: list, cache: Path, batch_tokens: int = 8192) -> torch.Tensor:
-    """Final hidden state at every answer-predicting position, concatenated over sequences, cached."""
+def hidden_states(loaded: LoadedModel, seqs: list, cache: Path, batch_tokens: int = 2048) -> torch.Tensor:
+    """Final hidden state at every answer-predicting position, concatenated over sequences, cached.
+
+    Computed under bfloat16 autocast (1.8x faster on this CPU; heads are drafts, so features
+    that close to the float32 ones train heads just as well) and stored as float16.
+    """
     spans = [len(ids) - plen for ids, plen, _ in seqs]  # positions plen-1 .. len-2
     total, size = sum(spans), loaded.model.config.hidden_size
     if cache.exists() and cache.stat().st_size == total * size * 2:
@@ -120,7 +150,8 @@ def hidden_states(loaded: LoadedModel, seqs: list, cache: Path, batch_tokens: in
             ids = torch.zeros((len(group), width), dtype=torch.long)
             for r, g in enumerate(group):  # right padding: causal attention never sees it
                 ids[r, : len(seqs[g][0])] = torch.tensor(seqs[g][0])
-            h = body(input_ids=ids.to(dev)).last_hidden_state.to("cpu", torch.float16)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                h = body(input_ids=ids.to(dev)).last_hidden_state.to("cpu", torch.float16)
             for r, g in enumerate(group):
                 ids_g, plen, _ = seqs[g]
                 out[offsets[g]:offsets[g + 1]] = h[r, plen - 1: len(ids_g) - 1]
@@ -131,15 +162,18 @@ def hidden_states(loaded: LoadedModel, seqs: list, cache: Path, batch_tokens: in
     return out
 
 
-def head_targets(seqs: list, num_heads: int) -> torch.Tensor:
-    """targets[n, j-1] = x[t+1+j] for draft head j at position t; IGNORE past the sequence end."""
+def following_tokens(seqs: list, num_heads: int) -> torch.Tensor:
+    """[N, K+1]: row of position t holds x[t+1..t+1+K] (IGNORE past the sequence end).
+
+    Column 0 is the base model's own next token (the chained heads' first input); column j is
+    draft head j's target.
+    """
     rows = []
     for ids, plen, _ in seqs:
         arr = np.asarray(ids, dtype=np.int64)
         t = np.arange(plen - 1, len(ids) - 1)  # [T]
-        idx = t[:, None] + 1 + np.arange(1, num_heads + 1)[None, :]  # [T, K]
-        tgt = np.where(idx < len(ids), arr[np.minimum(idx, len(ids) - 1)], IGNORE)
-        rows.append(tgt)
+        idx = t[:, None] + 1 + np.arange(num_heads + 1)[None, :]  # [T, K+1]
+        rows.append(np.where(idx < len(ids), arr[np.minimum(idx, len(ids) - 1)], IGNORE))
     return torch.from_numpy(np.concatenate(rows))
 
 
@@ -159,26 +193,30 @@ def split_positions(seqs: list, heldout: float, seed: int) -> tuple[np.ndarray, 
     return pick(False), pick(True)
 
 
-def head_losses(heads: DraftHeads, proj: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy per head [K] and the logits [B, K, V] of one batch."""
-    logits = heads(hidden) @ proj.T  # [B, K, V]
-    k = targets.shape[1]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+def head_losses(heads: DraftHeads, proj: Projection, hidden: torch.Tensor, following: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy per head [K] and the logits [B, K, V'] of one batch."""
+    k = heads.num_heads
+    before = proj.full[following[:, :k].clamp(min=0)] if heads.config.chain else None  # teacher forcing
+    logits = heads(hidden, before) @ proj.rows.T  # [B, K, V']
+    columns = proj.columns(following[:, 1:])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), columns.reshape(-1),
                            ignore_index=IGNORE, reduction="none").view(-1, k)
-    valid = (targets != IGNORE).float()
+    valid = (columns != IGNORE).float()
     return (loss * valid).sum(0) / valid.sum(0).clamp(min=1), logits
 
 
 @torch.no_grad()
-def evaluate(heads: DraftHeads, proj: torch.Tensor, data: PositionData, idx: np.ndarray, batch: int) -> dict:
-    """Per-head top-1 / top-5 accuracy and loss on the given positions."""
-    k, dev = heads.num_heads, proj.device
+def evaluate(heads: DraftHeads, proj: Projection, data: PositionData, idx: np.ndarray, batch: int) -> dict:
+    """Per-head top-1 / top-5 accuracy (a target outside the draft vocabulary is a miss) and loss."""
+    k, dev = heads.num_heads, proj.full.device
     hits1, hits5, count, loss_sum = torch.zeros(k), torch.zeros(k), torch.zeros(k), torch.zeros(k)
     for first in range(0, len(idx), batch):
         sel = torch.from_numpy(idx[first:first + batch])
-        h, tgt = data.hidden[sel].to(dev, torch.float32), data.targets[sel].to(dev)
-        losses, logits = head_losses(heads, proj, h, tgt)
-        top5 = logits.topk(5, dim=-1).indices  # [B, K, 5]
+        h, following = data.hidden[sel].to(dev, torch.float32), data.following[sel].to(dev)
+        losses, logits = head_losses(heads, proj, h, following)
+        top5 = proj.tokens(logits.topk(5, dim=-1).indices)  # [B, K, 5]
+        tgt = following[:, 1:]
         valid = tgt != IGNORE
         hits1 += ((top5[..., 0] == tgt) & valid).sum(0).cpu()
         hits5 += ((top5 == tgt[..., None]).any(-1) & valid).sum(0).cpu()
@@ -211,15 +249,17 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
     if meta.get("model_fingerprint") not in (None, fingerprint):
         raise BlockdraftError(f"{data_dir} was distilled from another model ({meta.get('model')}); distill again for this one")
     torch.manual_seed(cfg.seed)
-    data = PositionData(hidden_states(loaded, seqs, data_dir / f"hidden-{fingerprint}.f16"),
-                        head_targets(seqs, cfg.num_heads), len(seqs))
+    data = PositionData(hidden_states(loaded, seqs, data_dir / f"hidden-{fingerprint}-bf16.f16"),
+                        following_tokens(seqs, cfg.num_heads), len(seqs))
     train_idx, held_idx = split_positions(seqs, cfg.heldout, cfg.seed)
     if cfg.max_tokens:
         train_idx = train_idx[: cfg.max_tokens]
     dev = loaded.device
-    proj = loaded.model.get_output_embeddings().weight.detach().to(torch.float32)  # [V, H], frozen
-    heads_cfg = HeadsConfig(num_heads=cfg.num_heads, hidden_size=proj.shape[1], vocab_size=proj.shape[0],
-                            base_model=loaded.name, base_fingerprint=fingerprint)
+    full = loaded.model.get_output_embeddings().weight.detach().to(torch.float32)  # [V, H], frozen
+    vocab = draft_vocabulary(seqs, cfg.draft_vocab).to(dev) if cfg.draft_vocab else None
+    proj = Projection(full, vocab)
+    heads_cfg = HeadsConfig(num_heads=cfg.num_heads, hidden_size=full.shape[1], vocab_size=full.shape[0],
+                            base_model=loaded.name, base_fingerprint=fingerprint, chain=cfg.chain)
     heads = DraftHeads(heads_cfg).to(dev)
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_positions)
@@ -244,9 +284,9 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
             if plan.finished(done):
                 break
             sel = torch.from_numpy(perm[step * cfg.batch_positions:(step + 1) * cfg.batch_positions])
-            h, tgt = data.hidden[sel].to(dev, torch.float32), data.targets[sel].to(dev)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                losses, logits = head_losses(heads, proj, h, tgt)
+            h, following = data.hidden[sel].to(dev, torch.float32), data.following[sel].to(dev)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                losses, logits = head_losses(heads, proj, h, following)
             opt.zero_grad(set_to_none=True)
             losses.mean().backward()
             torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.clip)
@@ -254,7 +294,8 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
             done += 1
             plan.tick(done - start_epoch * steps_per_epoch)
             if step % 20 == 0:
-                acc = ((logits.argmax(-1) == tgt) & (tgt != IGNORE)).float().sum(0) / (tgt != IGNORE).float().sum(0).clamp(min=1)
+                tgt = following[:, 1:]
+                acc = ((proj.tokens(logits.argmax(-1)) == tgt) & (tgt != IGNORE)).float().sum(0) / (tgt != IGNORE).float().sum(0).clamp(min=1)
                 bar.set_postfix(loss=f"{losses.mean().item():.3f}", top1="/".join(f"{a:.2f}" for a in acc.tolist()))
         bar.close()
         elapsed += time.time() - began
@@ -264,8 +305,8 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
             break
     report = evaluate(heads, proj, data, held_idx, cfg.batch_positions)
     sources = sorted({s for _, _, s in seqs if s})
-    if cfg.draft_vocab:
-        heads.set_draft_vocab(draft_vocabulary(seqs, cfg.draft_vocab))
+    if vocab is not None:
+        heads.set_draft_vocab(vocab)
     heads.config.training = {
         "data": str(data_dir), "sources": sources, "sequences": len(seqs), "train_positions": int(len(train_idx)),
         "heldout_positions": report["positions"], "epochs": round(done / steps_per_epoch, 2), "steps": done, "seed": cfg.seed, "config": asdict(cfg),
