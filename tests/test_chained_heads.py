@@ -69,3 +69,17 @@ def test_chained_config_survives_save_and_load(tiny_models, tmp_path):
 
 def test_following_ids_pad_past_the_end():
     assert following_ids([7, 8, 9], 0, 3, 2).tolist() == [[8, 9], [9, 0], [0, 0]]
+
+
+def test_init_from_plain_heads_starts_chained_heads_where_they_were(tiny_models, tmp_path):
+    from blockdraft.heads import DraftHeads, HeadsConfig
+    from blockdraft.train.heads import init_from
+
+    model = tiny_models(0, torch.float32)
+    plain = random_heads(model, 3, seed=2).float()
+    plain.save(tmp_path / "plain", dtype=torch.float32)
+    chained = DraftHeads(HeadsConfig(num_heads=3, hidden_size=32, vocab_size=64, chain=True))
+    init_from(chained, str(tmp_path / "plain"), fingerprint="")
+    hidden, before = torch.randn(5, 32), torch.randint(0, 64, (5, 3))
+    lm_head = model.get_output_embeddings()
+    torch.testing.assert_close(chained.logits(hidden, lm_head, before), plain.logits(hidden, lm_head))

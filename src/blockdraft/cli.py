@@ -70,7 +70,8 @@ def cmd_train_heads(args) -> None:
     from .train.heads import HeadsTrainConfig, train_heads
     cfg = HeadsTrainConfig(num_heads=args.num_heads, epochs=args.epochs, lr=args.lr, seed=args.seed,
                            batch_positions=args.batch_positions, max_tokens=args.max_tokens,
-                           max_seconds=args.max_seconds, draft_vocab=args.draft_vocab, chain=args.chain)
+                           max_seconds=args.max_seconds, draft_vocab=args.draft_vocab, chain=args.chain,
+                           init=args.init or "")
     _, report = train_heads(_load(args), args.data, args.out, cfg, resume=args.resume)
     print("held-out accuracy per draft head (head j predicts the token j+1 after the hidden state):")
     for j, (a1, a5) in enumerate(zip(report["top1"], report["top5"]), start=1):
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draft only the N most frequent answer tokens: a 3x cheaper projection (0: all)")
     p.add_argument("--chain", action="store_true",
                    help="chained heads: head j also reads the j tokens before its target (drafted one after another)")
+    p.add_argument("--init", help="start from these trained heads (e.g. plain heads for --chain) instead of zeros")
     p.set_defaults(func=cmd_train_heads)
 
     p = sub.add_parser("draft-vocab", help="give trained heads a draft vocabulary from distillation data")

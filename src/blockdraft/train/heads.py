@@ -50,6 +50,7 @@ class HeadsTrainConfig:
     max_seconds: float = 0  # time budget: the schedule shrinks to fit it (0: none)
     draft_vocab: int = 16384  # draft only the N most frequent answer tokens (0: the full vocabulary)
     chain: bool = False  # chained heads: head j also reads the j tokens before its target
+    init: str = ""  # start from these trained heads (plain or chained) instead of zeros
 
 
 @dataclass
@@ -228,6 +229,26 @@ def evaluate(heads: DraftHeads, proj: Projection, data: PositionData, idx: np.nd
             "positions": int(len(idx))}
 
 
+def init_from(heads: DraftHeads, folder: str, fingerprint: str) -> None:
+    """Copy trained heads into new ones: each head's hidden-state weights; new token inputs start at zero.
+
+    So plain heads seed chained heads that begin exactly as good as they were.
+    """
+    from ..heads import load_heads
+
+    old = load_heads(folder)
+    if old.config.base_fingerprint and old.config.base_fingerprint != fingerprint:
+        raise BlockdraftError(f"--init heads {folder} were trained for another model ({old.config.base_model})")
+    h = heads.config.hidden_size
+    if old.config.hidden_size != h or old.config.vocab_size != heads.config.vocab_size:
+        raise BlockdraftError(f"--init heads {folder} have other sizes than this model")
+    with torch.no_grad():
+        for new_block, old_block in zip(heads.blocks, old.blocks):
+            width = min(new_block.in_features, old_block.in_features)
+            new_block.weight[:, :width] = old_block.weight[:, :width].to(new_block.weight)
+            new_block.bias.copy_(old_block.bias)
+
+
 def _prepare_out(out: Path, resume: bool, fingerprint: str) -> Path:
     ckpt = out / "checkpoint.pt"
     if resume:
@@ -261,6 +282,8 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
     heads_cfg = HeadsConfig(num_heads=cfg.num_heads, hidden_size=full.shape[1], vocab_size=full.shape[0],
                             base_model=loaded.name, base_fingerprint=fingerprint, chain=cfg.chain)
     heads = DraftHeads(heads_cfg).to(dev)
+    if cfg.init:
+        init_from(heads, cfg.init, fingerprint)
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_positions)
     plan = StepPlan(steps_per_epoch * cfg.epochs, cfg.max_seconds, cfg.warmup)
