@@ -61,6 +61,7 @@ def test_heads_learn_a_deterministic_answer(loaded, tmp_path, chain):
     cfg = HeadsTrainConfig(num_heads=2, epochs=30, batch_positions=64, lr=1e-2, heldout=0.2, draft_vocab=32, chain=chain)
     heads, report = train_heads(loaded, data, tmp_path / "h", cfg)
     assert min(report["top1"]) > 0.5, report  # chance is 1/32
+    assert 0.5 < report["chain_accept"] <= 2
     saved = load_heads(tmp_path / "h")
     assert saved.config.chain is chain and saved.config.draft_vocab_size == 32
 

@@ -209,9 +209,11 @@ def head_losses(heads: DraftHeads, proj: Projection, hidden: torch.Tensor, follo
 
 @torch.no_grad()
 def evaluate(heads: DraftHeads, proj: Projection, data: PositionData, idx: np.ndarray, batch: int) -> dict:
-    """Per-head top-1 / top-5 accuracy (a target outside the draft vocabulary is a miss) and loss."""
+    """Per-head top-1 / top-5 accuracy (a target outside the draft vocabulary is a miss), loss, and
+    `chain_accept`: draft tokens a greedy chain would keep per step (consecutive top-1 hits from head 1)."""
     k, dev = heads.num_heads, proj.full.device
     hits1, hits5, count, loss_sum = torch.zeros(k), torch.zeros(k), torch.zeros(k), torch.zeros(k)
+    kept = 0
     for first in range(0, len(idx), batch):
         sel = torch.from_numpy(idx[first:first + batch])
         h, following = data.hidden[sel].to(dev, torch.float32), data.following[sel].to(dev)
@@ -219,14 +221,16 @@ def evaluate(heads: DraftHeads, proj: Projection, data: PositionData, idx: np.nd
         top5 = proj.tokens(logits.topk(5, dim=-1).indices)  # [B, K, 5]
         tgt = following[:, 1:]
         valid = tgt != IGNORE
-        hits1 += ((top5[..., 0] == tgt) & valid).sum(0).cpu()
+        top1 = (top5[..., 0] == tgt) & valid  # [B, K]
+        hits1 += top1.sum(0).cpu()
+        kept += int(top1.int().cumprod(1).sum())
         hits5 += ((top5 == tgt[..., None]).any(-1) & valid).sum(0).cpu()
         n = valid.sum(0).cpu()
         count += n
         loss_sum += losses.cpu() * n
     count = count.clamp(min=1)
     return {"top1": (hits1 / count).tolist(), "top5": (hits5 / count).tolist(), "loss": (loss_sum / count).tolist(),
-            "positions": int(len(idx))}
+            "chain_accept": kept / max(1, len(idx)), "positions": int(len(idx))}
 
 
 def init_from(heads: DraftHeads, folder: str, fingerprint: str) -> None:
@@ -334,7 +338,8 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
         "data": str(data_dir), "sources": sources, "sequences": len(seqs), "train_positions": int(len(train_idx)),
         "heldout_positions": report["positions"], "epochs": round(done / steps_per_epoch, 2), "steps": done, "seed": cfg.seed, "config": asdict(cfg),
         "train_seconds": round(elapsed, 1), "device": str(dev), "heldout_top1": report["top1"],
-        "heldout_top5": report["top5"], "heldout_loss": report["loss"], "distill": meta,
+        "heldout_top5": report["top5"], "heldout_loss": report["loss"], "heldout_chain_accept": round(report["chain_accept"], 4),
+        "init": cfg.init or None, "distill": meta,
         "draft_vocab": {"size": cfg.draft_vocab, "coverage": round(vocab_coverage(seqs, heads.draft_vocab), 4)} if cfg.draft_vocab else None,
     }
     heads.save(out)
