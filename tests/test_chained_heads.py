@@ -79,7 +79,7 @@ def test_init_from_plain_heads_starts_chained_heads_where_they_were(tiny_models,
     plain = random_heads(model, 3, seed=2).float()
     plain.save(tmp_path / "plain", dtype=torch.float32)
     chained = DraftHeads(HeadsConfig(num_heads=3, hidden_size=32, vocab_size=64, chain=True))
-    init_from(chained, str(tmp_path / "plain"), fingerprint="")
+    init_from(chained, str(tmp_path / "plain"), model, fingerprint="")
     hidden, before = torch.randn(5, 32), torch.randint(0, 64, (5, 3))
     lm_head = model.get_output_embeddings()
     torch.testing.assert_close(chained.logits(hidden, lm_head, before), plain.logits(hidden, lm_head))

@@ -171,9 +171,9 @@ def embed(lm_head: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return weight[ids.clamp(0, weight.shape[0] - 1).to(weight.device)]
 
 
-def following_ids(ids: list[int], first: int, count: int, k: int) -> torch.Tensor:
-    """[count, k] ids: row r holds ids[t+1 .. t+k] for t = first + r (0 past the end), what chained heads read."""
-    padded = torch.tensor(list(ids) + [0] * (k + 1), dtype=torch.long)
+def following_ids(ids: list[int], first: int, count: int, k: int, pad: int = 0) -> torch.Tensor:
+    """[count, k] ids: row r holds ids[t+1 .. t+k] for t = first + r (`pad` past the end), what chained heads read."""
+    padded = torch.tensor(list(ids) + [pad] * (k + 1), dtype=torch.long)
     t = torch.arange(first, first + count)
     return padded[t[:, None] + 1 + torch.arange(k)[None, :]]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import BlockdraftError
-from ..heads import DraftHeads, HeadsConfig
+from ..heads import DraftHeads, HeadsConfig, following_ids
 from ..jsonl import read_jsonl
 from ..models import LoadedModel, model_fingerprint
 from .distill import DATA_FILE, META_FILE
@@ -169,13 +169,7 @@ def following_tokens(seqs: list, num_heads: int) -> torch.Tensor:
     Column 0 is the base model's own next token (the chained heads' first input); column j is
     draft head j's target.
     """
-    rows = []
-    for ids, plen, _ in seqs:
-        arr = np.asarray(ids, dtype=np.int64)
-        t = np.arange(plen - 1, len(ids) - 1)  # [T]
-        idx = t[:, None] + 1 + np.arange(num_heads + 1)[None, :]  # [T, K+1]
-        rows.append(np.where(idx < len(ids), arr[np.minimum(idx, len(ids) - 1)], IGNORE))
-    return torch.from_numpy(np.concatenate(rows))
+    return torch.cat([following_ids(ids, plen - 1, len(ids) - plen, num_heads + 1, pad=IGNORE) for ids, plen, _ in seqs])
 
 
 def heldout_sequences(n: int, heldout: float, seed: int) -> set[int]:
@@ -233,7 +227,7 @@ def evaluate(heads: DraftHeads, proj: Projection, data: PositionData, idx: np.nd
             "chain_accept": kept / max(1, len(idx)), "positions": int(len(idx))}
 
 
-def init_from(heads: DraftHeads, folder: str, fingerprint: str) -> None:
+def init_from(heads: DraftHeads, folder: str, model: torch.nn.Module, fingerprint: str) -> None:
     """Copy trained heads into new ones: each head's hidden-state weights; new token inputs start at zero.
 
     So plain heads seed chained heads that begin exactly as good as they were.
@@ -241,11 +235,7 @@ def init_from(heads: DraftHeads, folder: str, fingerprint: str) -> None:
     from ..heads import load_heads
 
     old = load_heads(folder)
-    if old.config.base_fingerprint and old.config.base_fingerprint != fingerprint:
-        raise BlockdraftError(f"--init heads {folder} were trained for another model ({old.config.base_model})")
-    h = heads.config.hidden_size
-    if old.config.hidden_size != h or old.config.vocab_size != heads.config.vocab_size:
-        raise BlockdraftError(f"--init heads {folder} have other sizes than this model")
+    old.check_compatible(model, fingerprint)  # heads made for another model are refused, as everywhere
     with torch.no_grad():
         for new_block, old_block in zip(heads.blocks, old.blocks):
             width = min(new_block.in_features, old_block.in_features)
@@ -287,7 +277,7 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
                             base_model=loaded.name, base_fingerprint=fingerprint, chain=cfg.chain)
     heads = DraftHeads(heads_cfg).to(dev)
     if cfg.init:
-        init_from(heads, cfg.init, fingerprint)
+        init_from(heads, cfg.init, loaded.model, fingerprint)
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_positions)
     plan = StepPlan(steps_per_epoch * cfg.epochs, cfg.max_seconds, cfg.warmup)
