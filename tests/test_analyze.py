@@ -73,7 +73,7 @@ def test_oracle_exact_and_above_actual(report):
 
 def test_records_the_methods_own_drafts(decoder, report):
     result, _ = report
-    run = decoder.generate(QUESTIONS[0]["turns"][0], method="bpd", record=True, max_new_tokens=24)
+    run = decoder.generate(QUESTIONS[0]["turns"][0], method="bpd-full", record=True, max_new_tokens=24)
     assert result["categories"]["writing"]["repetition"] == repetition_of_drafts([s.draft for s in run.stats])
 
 

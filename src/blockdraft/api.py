@@ -50,7 +50,7 @@ class Decoder:
     def cost_curve(self):
         """The target's forward time per input size on this machine (for sized drafts); measured
         once per model, device, dtype, thread count and CPU, then read from the cache folder."""
-        from .cpu import cpu_model
+        from .cpu import LINEAR_PATH, cpu_model
         from .models import cache_root
         from .sizing import cached_cost_curve
 
@@ -58,7 +58,7 @@ class Decoder:
             weight = self.target.lm_head.weight
             key = {"model": self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
                    "dtype": str(weight.dtype), "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__}
+                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": LINEAR_PATH}
             self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves")
         return self._cost
 
@@ -142,16 +142,20 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     """Load a target model and draft heads. heads="default" picks the shipped heads when they exist.
 
     onednn=True runs a CPU float32 model's linear layers through oneDNN (blockdraft.cpu): the
-    same math with kernels that are 1.4-2x faster here, for every method alike.
+    same math with kernels that are 1.4-2x faster here, for every method alike. Draft heads run
+    in bfloat16 where the CPU has native bfloat16 (drafts only propose; the target verifies
+    in its own dtype, so the output is unchanged).
     """
-    from .cpu import use_onednn_linears
+    from .cpu import attend_with_grouped_kv, fast_bfloat16, use_onednn_linears
 
     loaded = load_model(model, dtype, device)
     path = str(shipped_heads(model)) if heads == "default" and shipped_heads(model) else (None if heads == "default" else heads)
     draft_heads = None
     if path:
-        draft_heads = load_heads(path, dtype=loaded.model.dtype, device=loaded.device)
+        bf16 = onednn and loaded.device.type == "cpu" and loaded.model.dtype == torch.float32 and fast_bfloat16()
+        draft_heads = load_heads(path, dtype=torch.bfloat16 if bf16 else loaded.model.dtype, device=loaded.device)
         draft_heads.check_compatible(loaded.model, loaded.fingerprint)
-    if onednn:
+    if onednn and loaded.device.type == "cpu":
         use_onednn_linears(loaded.model)
+        attend_with_grouped_kv()
     return Decoder(loaded, draft_heads, path, topk)

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
     p.add_argument("--topk", default="2,4,8,16", help="candidates per head for the oracle (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--method", default="bpd", help="method whose drafts are analysed (default: %(default)s)")
+    p.add_argument("--method", default="bpd-full", help="method whose drafts are analysed (default: %(default)s)")
     p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
     p.add_argument("--out", required=True, help="folder for analysis.json, analysis.md and figures")
     p.set_defaults(func=cmd_analyze)

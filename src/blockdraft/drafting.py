@@ -30,14 +30,17 @@ class HeadsDrafter:
     """BPD heads on the hidden state: the top-k of each draft head is one lattice row."""
 
     def __init__(self, heads: DraftHeads, lm_head: torch.nn.Module, topk: int = 1, num_heads: int | None = None,
-                 with_entropy: bool = False):
+                 with_entropy: bool = False, stop_below: float = 0.0):
         self.heads, self.lm_head, self.topk = heads, lm_head, topk
         self.num_heads = min(num_heads or heads.num_heads, heads.num_heads)
         self.with_entropy = with_entropy
+        self.stop_below = stop_below  # adaptive draft size: see DraftHeads.draft_logits
 
     @torch.inference_mode()
-    def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice:
-        logits, vocab = self.heads.draft_logits(hidden, self.lm_head, context[-1], self.num_heads)
+    def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice | None:
+        logits, vocab = self.heads.draft_logits(hidden, self.lm_head, context[-1], self.num_heads, self.stop_below)
+        if not len(logits):
+            return None  # not even the first head is likely enough: a plain step
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [K, V']
         top = logprobs.topk(self.topk, dim=-1)
         tokens = top.indices if vocab is None else vocab[top.indices]

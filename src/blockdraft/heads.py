@@ -98,43 +98,53 @@ class DraftHeads(nn.Module):
         self._rows_of = None
 
     def draft_logits(self, hidden: torch.Tensor, lm_head: nn.Module, next_token: int | None = None,
-                     num_heads: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     num_heads: int | None = None, stop_below: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden [H] -> (logits [K', V'] of the first K' heads, token id of each column or None for the full vocabulary).
 
         Chained heads start from `next_token` (x[t+1]) and feed each head's argmax to the next.
+        With `stop_below`, the draft ends before the first head whose argmax chain the heads
+        themselves give less than that probability (K' may be 0): chained heads then skip the
+        remaining heads' work, and no one verifies tokens that are unlikely to be kept.
         """
         num_heads = min(num_heads or self.num_heads, self.num_heads)
         project, vocab = self._draft_projection(lm_head)
         if not self.config.chain:
-            return project(self(hidden[None])[0, :num_heads]), vocab
+            rows = project(self(hidden[None])[0, :num_heads])
+            return rows[: _confident_prefix(rows, stop_below)], vocab
         if next_token is None:
             raise ValueError("chained draft heads need the base model's next token")
         dtype, weight = self.blocks[0].weight.dtype, lm_head.weight
         hidden = hidden.to(dtype)
-        inputs, rows = [hidden, weight[next_token].to(dtype)], []
+        inputs, rows, chance = [hidden, weight[next_token].to(dtype)], [], 1.0
         for block in self.blocks[:num_heads]:
             state = hidden + nn.functional.silu(block(torch.cat(inputs)))
-            rows.append(project(state[None])[0])
-            best = int(rows[-1].argmax())
+            row = project(state[None])[0]
+            best = int(row.argmax())
+            if stop_below:
+                chance *= float(torch.softmax(row.float(), dim=-1)[best])
+                if chance < stop_below:
+                    break
+            rows.append(row)
             inputs.append(weight[best if vocab is None else int(vocab[best])].to(dtype))
-        return torch.stack(rows), vocab
+        return (torch.stack(rows) if rows else row.new_zeros((0, row.shape[-1]))), vocab
 
     def _draft_projection(self, lm_head: nn.Module):
-        """(states [N, H] -> logits [N, V'], column ids or None): the draft-vocabulary rows, packed like lm_head."""
+        """(states [N, H] -> logits [N, V'], column ids or None): the draft-vocabulary rows, in the
+        heads' dtype (bfloat16 drafting halves the memory traffic), packed like lm_head on a CPU."""
         if not self.config.draft_vocab_size:
             return (lambda states: lm_head(states.to(lm_head.weight.dtype))), None
         from .cpu import OneDNNLinear, packed_linear
 
-        weight = lm_head.weight
+        weight, dtype = lm_head.weight, self.blocks[0].weight.dtype
         if self._rows_of != id(weight):  # first call, or another lm_head: copy its draft rows once
-            rows = weight.detach()[self.draft_vocab]  # [V', H], a copy: 36 MB for SmolLM2 in float32
+            rows = weight.detach()[self.draft_vocab].to(dtype)  # [V', H], a copy: 36 MB for SmolLM2 in float32
             if isinstance(lm_head, OneDNNLinear):  # the model runs oneDNN linears: pack like them
                 rows = rows.to_mkldnn()
             self.register_buffer("draft_rows", rows, persistent=False)  # counted with the heads' memory
             self._rows_of = id(weight)
         if self.draft_rows.is_mkldnn:
-            return (lambda states: packed_linear(states.to(weight.dtype), self.draft_rows)), self.draft_vocab
-        return (lambda states: nn.functional.linear(states.to(weight.dtype), self.draft_rows)), self.draft_vocab
+            return (lambda states: packed_linear(states.to(dtype), self.draft_rows)), self.draft_vocab
+        return (lambda states: nn.functional.linear(states.to(dtype), self.draft_rows)), self.draft_vocab
 
     def check_compatible(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
         """Refuse heads made for another model: sizes always, weights when both fingerprints exist."""
@@ -163,6 +173,14 @@ class DraftHeads(nn.Module):
         save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
         (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=2) + "\n")
         return folder
+
+
+def _confident_prefix(rows: torch.Tensor, stop_below: float) -> int:
+    """How many leading rows keep the probability of their argmax chain at or above `stop_below`."""
+    if not stop_below or not len(rows):
+        return len(rows)
+    chance = torch.softmax(rows.float(), dim=-1).amax(-1).cumprod(0)
+    return int((chance >= stop_below).sum())
 
 
 def embed(lm_head: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -21,11 +21,20 @@ def _ar(dec: "Decoder") -> tuple[Drafter, Refiner]:
     return NoDrafter(), ArgmaxRefiner()
 
 
-def _heads_drafter(dec: "Decoder", topk: int) -> HeadsDrafter:
-    return HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=topk, with_entropy=dec.record)
+def _heads_drafter(dec: "Decoder", topk: int, stop_below: float = 0.0) -> HeadsDrafter:
+    return HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=topk, with_entropy=dec.record, stop_below=stop_below)
+
+
+BPD_STOP = 0.2  # bpd ends a draft where the heads give its chain less chance than this (README: "Adaptive draft size")
 
 
 def _bpd(dec: "Decoder") -> tuple[Drafter, Refiner]:
+    """Blockwise parallel decoding, each block only as long as the heads are confident."""
+    return _heads_drafter(dec, dec.topk, BPD_STOP), ArgmaxRefiner()
+
+
+def _bpd_full(dec: "Decoder") -> tuple[Drafter, Refiner]:
+    """The paper's BPD: every head drafts, every step (the highest block efficiency, not the fastest)."""
     return _heads_drafter(dec, dec.topk), ArgmaxRefiner()
 
 
@@ -51,7 +60,7 @@ def _fast(dec: "Decoder") -> tuple[Drafter, Refiner]:
     return resolve(f"bpd-{lm}-p{FAST_PBEST}-fit-ctx")(dec)
 
 
-METHODS: dict[str, Factory] = {"ar": _ar, "bpd": _bpd, "lookup": _lookup, "fast": _fast}
+METHODS: dict[str, Factory] = {"ar": _ar, "bpd": _bpd, "bpd-full": _bpd_full, "lookup": _lookup, "fast": _fast}
 
 
 def resolve(name: str) -> Factory:
@@ -135,7 +144,13 @@ def _fitted(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter
 
     if isinstance(drafter, HeadsDrafter):
         drafter.topk = max(drafter.topk, 4)  # probabilities of the drafted tokens
+        drafter.stop_below = max(drafter.stop_below, FIT_STOP)
     return drafter, FittedRefiner(refiner, dec.cost_curve())
+
+
+# Sized drafts skip the heads past this chance of the argmax chain (the likeliest path under the
+# head scores): no node that unlikely pays for its forward time here (cost(2)/cost(1) ~ 1.1).
+FIT_STOP = 0.02
 
 
 def _with_context(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter, Refiner]:

@@ -230,7 +230,7 @@ def _check(decoder, questions: list[dict], topks: Sequence[int], max_new_tokens:
 
 
 def analyze(decoder, questions: list[dict], topks: Sequence[int] = (2, 4, 8, 16), max_new_tokens: int = 128,
-            out_dir: str | Path | None = None, method: str = "bpd", examples: int = 3, progress: bool = True) -> dict:
+            out_dir: str | Path | None = None, method: str = "bpd-full", examples: int = 3, progress: bool = True) -> dict:
     """Repetition, head entropy, h_max, head accuracy, actual and oracle top-k block efficiency.
 
     questions: Spec-Bench records ({"question_id", "category", "turns"}; the first turn is asked).
