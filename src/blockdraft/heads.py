@@ -97,6 +97,7 @@ class DraftHeads(nn.Module):
         self.register_buffer("draft_vocab", torch.as_tensor(ids, dtype=torch.long).to(self.blocks[0].weight.device))
         self._rows_of = None
 
+    @torch.no_grad()
     def draft_logits(self, hidden: torch.Tensor, lm_head: nn.Module, next_token: int | None = None,
                      num_heads: int | None = None, stop_below: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden [H] -> (logits [K', V'] of the first K' heads, token id of each column or None for the full vocabulary).
