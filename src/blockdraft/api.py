@@ -150,12 +150,13 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
 
     loaded = load_model(model, dtype, device)
     path = str(shipped_heads(model)) if heads == "default" and shipped_heads(model) else (None if heads == "default" else heads)
+    cpu_fast_path = onednn and loaded.device.type == "cpu"
     draft_heads = None
     if path:
-        bf16 = onednn and loaded.device.type == "cpu" and loaded.model.dtype == torch.float32 and fast_bfloat16()
+        bf16 = cpu_fast_path and loaded.model.dtype == torch.float32 and fast_bfloat16()
         draft_heads = load_heads(path, dtype=torch.bfloat16 if bf16 else loaded.model.dtype, device=loaded.device)
         draft_heads.check_compatible(loaded.model, loaded.fingerprint)
-    if onednn and loaded.device.type == "cpu":
+    if cpu_fast_path:
         use_onednn_linears(loaded.model)
         attend_with_grouped_kv()
     return Decoder(loaded, draft_heads, path, topk)

@@ -122,7 +122,7 @@ class DraftHeads(nn.Module):
             row = project(state[None])[0]
             best = int(row.argmax())
             if stop_below:
-                chance *= float(torch.softmax(row.float(), dim=-1)[best])
+                chance *= float(_top_chance(row))
                 if chance < stop_below:
                     break
             rows.append(row)
@@ -138,7 +138,7 @@ class DraftHeads(nn.Module):
 
         weight, dtype = lm_head.weight, self.blocks[0].weight.dtype
         if self._rows_of != id(weight):  # first call, or another lm_head: copy its draft rows once
-            rows = weight.detach()[self.draft_vocab].to(dtype)  # [V', H], a copy: 36 MB for SmolLM2 in float32
+            rows = weight.detach()[self.draft_vocab].to(dtype)  # [V', H], a copy: 4.7 MB for 4,096 SmolLM2 rows in bfloat16
             if isinstance(lm_head, OneDNNLinear):  # the model runs oneDNN linears: pack like them
                 rows = rows.to_mkldnn()
             self.register_buffer("draft_rows", rows, persistent=False)  # counted with the heads' memory
@@ -176,12 +176,16 @@ class DraftHeads(nn.Module):
         return folder
 
 
+def _top_chance(logits: torch.Tensor) -> torch.Tensor:
+    """The heads' probability of their own argmax, per row of logits [..., V']."""
+    return torch.softmax(logits.float(), dim=-1).amax(-1)
+
+
 def _confident_prefix(rows: torch.Tensor, stop_below: float) -> int:
     """How many leading rows keep the probability of their argmax chain at or above `stop_below`."""
     if not stop_below or not len(rows):
         return len(rows)
-    chance = torch.softmax(rows.float(), dim=-1).amax(-1).cumprod(0)
-    return int((chance >= stop_below).sum())
+    return int((_top_chance(rows).cumprod(0) >= stop_below).sum())
 
 
 def embed(lm_head: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -138,6 +138,11 @@ def _suffix_family(suffix: str, wrap: Callable[["Decoder", Drafter, Refiner], tu
     return family
 
 
+# Sized drafts skip the heads past this chance of the argmax chain (the likeliest path under the
+# head scores): no node that unlikely pays for its forward time here (cost(2)/cost(1) ~ 1.1).
+FIT_STOP = 0.02
+
+
 def _fitted(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter, Refiner]:
     """{method}-fit: any heads method with its drafts sized to the measured cost curve."""
     from .sizing import FittedRefiner
@@ -146,11 +151,6 @@ def _fitted(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter
         drafter.topk = max(drafter.topk, 4)  # probabilities of the drafted tokens
         drafter.stop_below = max(drafter.stop_below, FIT_STOP)
     return drafter, FittedRefiner(refiner, dec.cost_curve())
-
-
-# Sized drafts skip the heads past this chance of the argmax chain (the likeliest path under the
-# head scores): no node that unlikely pays for its forward time here (cost(2)/cost(1) ~ 1.1).
-FIT_STOP = 0.02
 
 
 def _with_context(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter, Refiner]:
