@@ -35,7 +35,7 @@ def test_stopped_draft_is_the_confident_prefix_of_the_full_draft(tiny_models, ch
 def test_no_confident_head_means_no_draft(tiny_models):
     model = tiny_models(0, torch.float32)
     drafter = HeadsDrafter(random_heads(model, 3, chain=True), model.get_output_embeddings(), stop_below=1.01)
-    assert drafter.propose(torch.zeros(model.config.hidden_size), [1, 2, 3]) is None
+    assert drafter.propose(torch.zeros(1, model.config.hidden_size), [1, 2, 3]) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -7,7 +7,7 @@ from blockdraft.errors import BlockdraftError
 from blockdraft.heads import load_heads
 from blockdraft.models import LoadedModel, model_fingerprint
 from blockdraft.testing import tiny_llama, tiny_tokenizer
-from blockdraft.train.distill import DistillConfig, distill
+from blockdraft.train.distill import DATA_FILE, META_FILE, DistillConfig, distill
 from blockdraft.train.heads import HeadsTrainConfig, following_tokens, train_heads
 
 
@@ -44,19 +44,23 @@ def test_following_tokens_hold_next_token_then_head_targets():
     assert t == [[12, 13, 14], [13, 14, -100], [14, -100, -100]]
 
 
-@pytest.mark.parametrize("chain", [False, True])
-def test_heads_learn_a_deterministic_answer(loaded, tmp_path, chain):
-    """Answers that repeat one pattern: trained heads (plain or chained) must predict it better than chance."""
-    import torch
+def _pattern_data(loaded, data):
+    """Distillation records whose answers repeat one pattern (next token = current + 3)."""
 
-    from blockdraft.train.distill import DATA_FILE, META_FILE
-
-    data = tmp_path / "d"
     data.mkdir()
     (data / META_FILE).write_text(json.dumps({"model": "tiny", "model_fingerprint": loaded.fingerprint}))
     rows = [{"id": f"q{i}", "prompt_ids": [1, 2 + i % 7], "answer_ids": [(5 + 3 * j) % 64 for j in range(i % 5, i % 5 + 30)]}
             for i in range(40)]
     (data / DATA_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_heads_learn_a_deterministic_answer(loaded, tmp_path, chain):
+    """Answers that repeat one pattern: trained heads (plain or chained) must predict it better than chance."""
+    import torch
+
+    data = _pattern_data(loaded, tmp_path / "d")
     torch.manual_seed(0)
     cfg = HeadsTrainConfig(num_heads=2, epochs=30, batch_positions=64, lr=1e-2, heldout=0.2, draft_vocab=32, chain=chain)
     heads, report = train_heads(loaded, data, tmp_path / "h", cfg)
@@ -99,3 +103,19 @@ def test_ngram_training_and_tuning_run_on_distilled_data(loaded, tmp_path):
     report = tune_alpha(dec, records, "ngram", grid=(0.1, 1.0), topk=4)
     assert set(report["alpha"]) == {"writing", "default"} and len(report["curve"]["default"]) == 2
     assert all(c >= 1.0 for c in report["curve"]["default"])
+
+
+def test_feature_head_learns_a_deterministic_answer(loaded, tmp_path):
+    """Answers that repeat one pattern: the trained feature head predicts it, from true and from its own features."""
+    import torch
+
+    from blockdraft.feature_head import FeatureHead
+    from blockdraft.train.feature_head import FeatureTrainConfig, train_feature_head
+
+    data = _pattern_data(loaded, tmp_path / "d")
+    torch.manual_seed(0)
+    cfg = FeatureTrainConfig(num_heads=3, epochs=40, batch_positions=128, lr=1e-2, heldout=0.2, draft_vocab=32)
+    _, report = train_feature_head(loaded, data, tmp_path / "fh", cfg)
+    assert report["top1_first"] > 0.5 and report["top1_second"] > 0.5, report  # chance is 1/32
+    saved = load_heads(tmp_path / "fh")
+    assert isinstance(saved, FeatureHead) and saved.config.draft_vocab_size == 32 and saved.num_heads == 3

@@ -13,6 +13,7 @@ import torch
 
 from .engine import DecodeConfig, generate
 from .errors import BlockdraftError
+from .feature_head import FeatureHead
 from .heads import DraftHeads, load_heads
 from .methods import resolve
 from .models import DEFAULT_MODEL, LoadedModel, load_model
@@ -38,7 +39,7 @@ def shipped_refiner(model: str, name: str) -> Path | None:
 class Decoder:
     """A loaded target model plus its drafting parts; one generate() call per prompt."""
 
-    def __init__(self, loaded: LoadedModel, heads: DraftHeads | None, heads_path: str | None, topk: int = 1):
+    def __init__(self, loaded: LoadedModel, heads: DraftHeads | FeatureHead | None, heads_path: str | None, topk: int = 1):
         self.loaded, self.heads, self.heads_path, self.topk = loaded, heads, heads_path, topk
         self.target = TargetModel(loaded.model)
         self.record = False  # keep lattices and drafts per step (analysis)
@@ -86,13 +87,20 @@ class Decoder:
     def tokenizer(self):
         return self.loaded.tokenizer
 
-    def require_heads(self) -> DraftHeads:
+    def require_heads(self) -> DraftHeads | FeatureHead:
         if self.heads is None:
             raise BlockdraftError(
                 f"no draft heads for model {self.loaded.name!r}: pass --heads PATH (train them with "
                 "`blockdraft train-heads`) or use --method ar"
             )
         return self.heads
+
+    def require_bpd_heads(self, purpose: str) -> DraftHeads:
+        """The loaded heads when they are BPD heads (teacher-forced scoring reads them in parallel)."""
+        heads = self.require_heads()
+        if not isinstance(heads, DraftHeads):
+            raise BlockdraftError(f"{purpose} needs BPD draft heads (`blockdraft train-heads`), not a feature head: pass --heads")
+        return heads
 
     def stop_ids(self) -> tuple[int, ...]:
         eos = self.loaded.model.generation_config.eos_token_id

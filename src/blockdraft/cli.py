@@ -80,6 +80,17 @@ def cmd_train_heads(args) -> None:
     print(f"heads saved to {args.out}")
 
 
+def cmd_train_feature_head(args) -> None:
+    from .train.feature_head import FeatureTrainConfig, train_feature_head
+    cfg = FeatureTrainConfig(num_heads=args.num_heads, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                             batch_positions=args.batch_positions, max_seconds=args.max_seconds, draft_vocab=args.draft_vocab,
+                             prompt_context=not args.answer_only)
+    _, report = train_feature_head(_load(args), args.data, args.out, cfg, init=args.init)
+    print(f"held-out top-1: first draft token {report['top1_first']:.3f}, second (from the head's own features) "
+          f"{report['top1_second']:.3f} over {report['positions']:,} positions")
+    print(f"feature head saved to {args.out}")
+
+
 def cmd_train_rescorer(args) -> None:
     from .train.rescorer import RescorerTrainConfig, train_rescorer
     cfg = RescorerTrainConfig(hidden_size=args.hidden_size, layers=args.layers, epochs=args.epochs, lr=args.lr, seed=args.seed,
@@ -190,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chained heads: head j also reads the j tokens before its target (drafted one after another)")
     p.add_argument("--init", help="start from these trained heads (e.g. plain heads for --chain) instead of zeros")
     p.set_defaults(func=cmd_train_heads)
+
+    p = sub.add_parser("train-feature-head", help="train the context-reading feature head on distillation data")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
+    p.add_argument("--out", required=True, help="folder for the head (safetensors + config.json)")
+    p.add_argument("--num-heads", type=int, default=6, help="draft tokens per block")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-positions", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=0, help="time budget; the LR schedule shrinks to fit")
+    p.add_argument("--draft-vocab", type=int, default=4096, help="draft only the N most frequent answer tokens")
+    p.add_argument("--init", help="start from this trained feature head")
+    p.add_argument("--answer-only", action="store_true", help="the head reads the answer positions only, not the prompt's tokens")
+    p.set_defaults(func=cmd_train_feature_head)
 
     p = sub.add_parser("draft-vocab", help="give trained heads a draft vocabulary from distillation data")
     p.add_argument("--heads", required=True, help="heads folder (rewritten in place)")

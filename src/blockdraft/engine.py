@@ -6,7 +6,7 @@ Each step (Stern et al. 2018, with Kim et al. 2024's refinement stage):
   3. accept  = the longest tree path that equals the target's greedy choices, plus the
                target's own next token (bonus or recovered): `committed` tokens
   4. commit  = the cache keeps the path only (invariant: cache length == len(ids) - 1)
-  5. draft   = heads on the hidden state of the last accepted node -> lattice -> refiner ->
+  5. draft   = heads on the hidden states of the committed nodes -> lattice -> refiner ->
                drafts for the next step (no extra target call); a refiner may add drafts
                copied from the context (blockdraft.lookup)
 Plain decoding is the same loop with an empty draft, so comparisons are fair.
@@ -70,7 +70,7 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
         verified = (lattice, drafts[0] if drafts else None)
         if not reason:
             refiner.accept(ids)
-            lattice = drafter.propose(hidden[verdict.path[-1]], ids)
+            lattice = drafter.propose(hidden[verdict.path], ids)
             drafts = refiner.refine(lattice, ids)
         stats.append(StepStats(drafted=max(tree.depths), tree_nodes=tree.size,
                                accepted=verdict.n_accepted, committed=len(new), forward_s=forward_s,

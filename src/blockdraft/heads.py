@@ -130,50 +130,62 @@ class DraftHeads(nn.Module):
         return (torch.stack(rows) if rows else row.new_zeros((0, row.shape[-1]))), vocab
 
     def _draft_projection(self, lm_head: nn.Module):
-        """(states [N, H] -> logits [N, V'], column ids or None): the draft-vocabulary rows, in the
-        heads' dtype (bfloat16 drafting halves the memory traffic), packed like lm_head on a CPU."""
-        if not self.config.draft_vocab_size:
-            return (lambda states: lm_head(states.to(lm_head.weight.dtype))), None
-        from .cpu import OneDNNLinear, packed_linear
-
-        weight, dtype = lm_head.weight, self.blocks[0].weight.dtype
-        if self._rows_of != id(weight):  # first call, or another lm_head: copy its draft rows once
-            rows = weight.detach()[self.draft_vocab].to(dtype)  # [V', H], a copy: 4.7 MB for 4,096 SmolLM2 rows in bfloat16
-            if isinstance(lm_head, OneDNNLinear):  # the model runs oneDNN linears: pack like them
-                rows = rows.to_mkldnn()
-            self.register_buffer("draft_rows", rows, persistent=False)  # counted with the heads' memory
-            self._rows_of = id(weight)
-        if self.draft_rows.is_mkldnn:
-            return (lambda states: packed_linear(states.to(dtype), self.draft_rows)), self.draft_vocab
-        return (lambda states: nn.functional.linear(states.to(dtype), self.draft_rows)), self.draft_vocab
+        return draft_projection(self, lm_head, self.blocks[0].weight.dtype)
 
     def check_compatible(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
-        """Refuse heads made for another model: sizes always, weights when both fingerprints exist."""
-        cfg = model.config
-        got = (getattr(cfg, "hidden_size", None), model.get_output_embeddings().weight.shape[0])
-        want = (self.config.hidden_size, self.config.vocab_size)
-        if got != want:
-            raise BlockdraftError(
-                f"draft heads were trained for a model with hidden size {want[0]} and vocabulary {want[1]} "
-                f"({self.config.base_model or 'unknown model'}), but this model has {got[0]} and {got[1]}"
-            )
-        if fingerprint and self.config.base_fingerprint and fingerprint != self.config.base_fingerprint:
-            raise BlockdraftError(
-                f"draft heads were trained for {self.config.base_model!r} (weights {self.config.base_fingerprint}), "
-                f"not this model (weights {fingerprint}); train heads for it with `blockdraft train-heads`"
-            )
+        check_sizes(self.config, model, fingerprint)
 
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        """Write safetensors weights + a JSON config into `folder`."""
-        from safetensors.torch import save_file
+        return save_drafter(self, FORMAT, folder, dtype)
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-                 for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
-        (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=2) + "\n")
-        return folder
+
+def draft_projection(owner: nn.Module, lm_head: nn.Module, dtype: torch.dtype):
+    """(states [N, H] -> logits [N, V'], column ids or None) for a drafter `owner` with a `draft_vocab`
+    buffer: the draft-vocabulary rows in the drafter's dtype (bfloat16 drafting halves the memory
+    traffic), packed like lm_head on a CPU, copied once and counted with the drafter's memory."""
+    if not len(getattr(owner, "draft_vocab", ())):
+        return (lambda states: lm_head(states.to(lm_head.weight.dtype))), None
+    from .cpu import OneDNNLinear, packed_linear
+
+    weight = lm_head.weight
+    if getattr(owner, "_rows_of", None) != id(weight):  # first call, or another lm_head: copy its draft rows once
+        rows = weight.detach()[owner.draft_vocab].to(dtype)  # [V', H]: 4.7 MB for 4,096 SmolLM2 rows in bfloat16
+        if isinstance(lm_head, OneDNNLinear):  # the model runs oneDNN linears: pack like them
+            rows = rows.to_mkldnn()
+        owner.register_buffer("draft_rows", rows, persistent=False)
+        owner._rows_of = id(weight)
+    if owner.draft_rows.is_mkldnn:
+        return (lambda states: packed_linear(states.to(dtype), owner.draft_rows)), owner.draft_vocab
+    return (lambda states: nn.functional.linear(states.to(dtype), owner.draft_rows)), owner.draft_vocab
+
+
+def save_drafter(module: nn.Module, kind: str, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a drafter's safetensors weights (floats in `dtype`) + its JSON config (with `kind`) into `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in module.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": kind})
+    (folder / CONFIG_FILE).write_text(json.dumps({"format": kind, **asdict(module.config)}, indent=2) + "\n")
+    return folder
+
+
+def check_sizes(config, model: torch.nn.Module, fingerprint: str | None = None) -> None:
+    """Refuse drafters made for another model: sizes always, weights when both fingerprints exist."""
+    got = (getattr(model.config, "hidden_size", None), model.get_output_embeddings().weight.shape[0])
+    want = (config.hidden_size, config.vocab_size)
+    if got != want:
+        raise BlockdraftError(
+            f"draft heads were trained for a model with hidden size {want[0]} and vocabulary {want[1]} "
+            f"({config.base_model or 'unknown model'}), but this model has {got[0]} and {got[1]}"
+        )
+    if fingerprint and config.base_fingerprint and fingerprint != config.base_fingerprint:
+        raise BlockdraftError(
+            f"draft heads were trained for {config.base_model!r} (weights {config.base_fingerprint}), "
+            f"not this model (weights {fingerprint}); train heads for it with `blockdraft train-heads`"
+        )
 
 
 def _top_chance(logits: torch.Tensor) -> torch.Tensor:
@@ -201,10 +213,12 @@ def following_ids(ids: list[int], first: int, count: int, k: int, pad: int = 0) 
     return padded[t[:, None] + 1 + torch.arange(k)[None, :]]
 
 
-def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DraftHeads:
-    """Load heads saved by DraftHeads.save; a missing or corrupt checkpoint is a one-line error."""
+def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load heads saved by DraftHeads.save (or a FeatureHead); a missing or corrupt checkpoint is a one-line error."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from .feature_head import FORMAT as FEATURE_FORMAT, load_feature_head
 
     folder = Path(folder)
     if folder.is_file():
@@ -213,8 +227,11 @@ def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise BlockdraftError(f"no draft heads at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         raw = json.loads((folder / CONFIG_FILE).read_text())
-        if raw.pop("format", None) != FORMAT:
-            raise ValueError(f"format is not {FORMAT}")
+        kind = raw.pop("format", None)
+        if kind == FEATURE_FORMAT:
+            return load_feature_head(folder, raw, dtype, device)
+        if kind != FORMAT:
+            raise ValueError(f"format is not {FORMAT} or {FEATURE_FORMAT}")
         config = HeadsConfig(**raw)
         state = load_file(str(folder / WEIGHTS_FILE))
         heads = DraftHeads(config).to(dtype)  # before loading: no round trip through float32

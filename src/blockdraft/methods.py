@@ -7,7 +7,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Callable
 
-from .drafting import Drafter, HeadsDrafter, NoDrafter
+from .drafting import Drafter, FeatureDrafter, HeadsDrafter, NoDrafter
+from .feature_head import FeatureHead
 from .errors import BlockdraftError
 from .refine.base import ArgmaxRefiner, Refiner
 
@@ -21,8 +22,11 @@ def _ar(dec: "Decoder") -> tuple[Drafter, Refiner]:
     return NoDrafter(), ArgmaxRefiner()
 
 
-def _heads_drafter(dec: "Decoder", topk: int, stop_below: float = 0.0) -> HeadsDrafter:
-    return HeadsDrafter(dec.require_heads(), dec.target.lm_head, topk=topk, with_entropy=dec.record, stop_below=stop_below)
+def _heads_drafter(dec: "Decoder", topk: int, stop_below: float = 0.0) -> HeadsDrafter | FeatureDrafter:
+    """The drafter of the loaded heads: BPD heads, or the context-reading feature head."""
+    heads = dec.require_heads()
+    kind = FeatureDrafter if isinstance(heads, FeatureHead) else HeadsDrafter
+    return kind(heads, dec.target.lm_head, topk=topk, with_entropy=dec.record, stop_below=stop_below)
 
 
 BPD_STOP = 0.2  # bpd ends a draft where the heads give its chain less chance than this (README: "Adaptive draft size")
@@ -147,7 +151,7 @@ def _fitted(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter
     """{method}-fit: any heads method with its drafts sized to the measured cost curve."""
     from .sizing import FittedRefiner
 
-    if isinstance(drafter, HeadsDrafter):
+    if isinstance(drafter, (HeadsDrafter, FeatureDrafter)):
         drafter.topk = max(drafter.topk, 4)  # probabilities of the drafted tokens
         drafter.stop_below = max(drafter.stop_below, FIT_STOP)
     return drafter, FittedRefiner(refiner, dec.cost_curve())

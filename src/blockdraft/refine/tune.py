@@ -39,12 +39,13 @@ class ForcedSequence:
 def force(decoder, ids: list[int], prompt_len: int, topk: int, with_rescorer: bool) -> ForcedSequence:
     """One target forward and one rescorer forward over the whole sequence."""
     x = torch.tensor([ids], device=decoder.target.device)
+    heads = decoder.require_bpd_heads("tuning")
     hidden = decoder.target.body(input_ids=x).last_hidden_state[0]
     toks, lps = [], []
-    before = following_ids(ids, 0, len(ids), decoder.heads.num_heads)  # chained heads' inputs
+    before = following_ids(ids, 0, len(ids), heads.num_heads)  # chained heads' inputs
     for first in range(0, len(ids), 64):  # [64, K, V] logits at a time
         part = slice(first, first + 64)
-        lp = torch.log_softmax(decoder.heads.logits(hidden[part], decoder.target.lm_head, before[part]).float(), -1)
+        lp = torch.log_softmax(heads.logits(hidden[part], decoder.target.lm_head, before[part]).float(), -1)
         top = lp.topk(topk, dim=-1)
         toks.append(top.indices.cpu().numpy()); lps.append(top.values.cpu().numpy())
     resc = None
