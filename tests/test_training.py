@@ -6,7 +6,7 @@ import pytest
 from blockdraft.errors import BlockdraftError
 from blockdraft.heads import load_heads
 from blockdraft.models import LoadedModel, model_fingerprint
-from blockdraft.testing import tiny_llama, tiny_tokenizer
+from blockdraft.testing import random_heads, tiny_llama, tiny_tokenizer
 from blockdraft.train.distill import DATA_FILE, META_FILE, DistillConfig, distill
 from blockdraft.train.heads import HeadsTrainConfig, following_tokens, train_heads
 
@@ -119,3 +119,6 @@ def test_feature_head_learns_a_deterministic_answer(loaded, tmp_path):
     assert report["top1_first"] > 0.5 and report["top1_second"] > 0.5, report  # chance is 1/32
     saved = load_heads(tmp_path / "fh")
     assert isinstance(saved, FeatureHead) and saved.config.draft_vocab_size == 32 and saved.num_heads == 3
+    random_heads(loaded.model, 2).save(tmp_path / "bpd")
+    with pytest.raises(BlockdraftError, match="holds BPD heads, not a feature head"):
+        train_feature_head(loaded, data, tmp_path / "fh2", cfg, init=str(tmp_path / "bpd"))

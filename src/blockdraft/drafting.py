@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from .feature_head import FeatureHead, KVCache
-from .heads import DraftHeads, draft_projection
+from .heads import DraftHeads, draft_projection, top_chance
 from .types import Lattice
 
 
@@ -55,8 +55,7 @@ class HeadsDrafter:
         """Analysis: each head's entropy over the full vocabulary (chained heads read the drafted chain)."""
         k = self.heads.num_heads
         before = torch.tensor((chain + [0] * k)[:k])[None]
-        full = torch.log_softmax(self.heads.logits(hidden[None], self.lm_head, before)[0, : self.num_heads].float(), -1)
-        return (-(full.exp() * full).sum(-1)).cpu()  # [K]
+        return entropy(self.heads.logits(hidden[None], self.lm_head, before)[0, : self.num_heads])
 
 
 class FeatureDrafter:
@@ -85,7 +84,7 @@ class FeatureDrafter:
         for j in range(self.num_heads):
             row = project(feature[0])[0]  # [V']: the guess of the token after the next one
             if self.stop_below:
-                chance *= float(torch.softmax(row.float(), -1).max())
+                chance *= float(top_chance(row))
                 if chance < self.stop_below:
                     break
             rows.append(row)
@@ -98,10 +97,8 @@ class FeatureDrafter:
             return None
         lattice = top_candidates(torch.stack(rows), vocab, self.topk)
         if full:
-            logp = torch.log_softmax(torch.stack(full).float(), -1)
-            lattice = Lattice(lattice.tokens, lattice.logprobs, (-(logp.exp() * logp).sum(-1)).cpu())
+            lattice = Lattice(lattice.tokens, lattice.logprobs, entropy(torch.stack(full)))
         return lattice
-
 
     def _read_prompt(self, prompt: list[int]) -> None:
         """The prompt before its last token, as in training: position s reads [e(x[s]); e(x[s+1])]."""
@@ -116,3 +113,9 @@ def top_candidates(logits: torch.Tensor, vocab: torch.Tensor | None, topk: int) 
     top = torch.log_softmax(logits.float(), dim=-1).topk(topk, dim=-1)
     tokens = top.indices if vocab is None else vocab[top.indices]
     return Lattice(tokens=tokens.cpu(), logprobs=top.values.cpu())
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Analysis: entropy (nats) of each row of full-vocabulary logits [K, V] -> [K], on the CPU."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return (-(logp.exp() * logp).sum(-1)).cpu()

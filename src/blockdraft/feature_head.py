@@ -55,6 +55,8 @@ class FeatureHead(nn.Module):
         self.qkv, self.out = nn.Linear(h, 3 * h, bias=False), nn.Linear(h, h, bias=False)
         self.gate_up, self.down = nn.Linear(h, 2 * i, bias=False), nn.Linear(i, h, bias=False)
         self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        dim = h // config.attention_heads  # rotary frequencies, computed once (drafting calls the layer per token)
+        self._inv_freq = config.rope_theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         with torch.no_grad():  # start as the identity on h: the block's residual branches begin at zero
             self.fc.weight.zero_()
             self.fc.weight[:, :h].copy_(torch.eye(h))
@@ -74,7 +76,7 @@ class FeatureHead(nn.Module):
         b, t, h = x.shape
         nh = self.config.attention_heads
         q, k, v = self.qkv(self.attn_norm(x.to(dtype))).view(b, t, 3, nh, h // nh).permute(2, 0, 3, 1, 4)
-        cos, sin = self._rope(start, t, h // nh, x.device)
+        cos, sin = self._rope(start, t, x.device)
         q, k = _rotate(q, cos, sin).to(dtype), _rotate(k, cos, sin).to(dtype)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
@@ -84,9 +86,10 @@ class FeatureHead(nn.Module):
         gate, up = self.gate_up(self.mlp_norm(x.to(dtype))).chunk(2, -1)
         return x + self.down(nn.functional.silu(gate) * up), (k, v)
 
-    def _rope(self, start: int, t: int, dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = self.config.rope_theta ** (-torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
-        angles = torch.arange(start, start + t, device=device, dtype=torch.float32)[:, None] * inv[None]
+    def _rope(self, start: int, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._inv_freq.device != device:  # a plain float32 tensor: module.to(dtype) must not round it
+            self._inv_freq = self._inv_freq.to(device)
+        angles = torch.arange(start, start + t, device=device, dtype=torch.float32)[:, None] * self._inv_freq[None]
         return angles.cos(), angles.sin()
 
     def set_draft_vocab(self, ids: torch.Tensor) -> None:

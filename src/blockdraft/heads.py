@@ -122,7 +122,7 @@ class DraftHeads(nn.Module):
             row = project(state[None])[0]
             best = int(row.argmax())
             if stop_below:
-                chance *= float(_top_chance(row))
+                chance *= float(top_chance(row))
                 if chance < stop_below:
                     break
             rows.append(row)
@@ -188,7 +188,7 @@ def check_sizes(config, model: torch.nn.Module, fingerprint: str | None = None) 
         )
 
 
-def _top_chance(logits: torch.Tensor) -> torch.Tensor:
+def top_chance(logits: torch.Tensor) -> torch.Tensor:
     """The heads' probability of their own argmax, per row of logits [..., V']."""
     return torch.softmax(logits.float(), dim=-1).amax(-1)
 
@@ -197,7 +197,7 @@ def _confident_prefix(rows: torch.Tensor, stop_below: float) -> int:
     """How many leading rows keep the probability of their argmax chain at or above `stop_below`."""
     if not stop_below or not len(rows):
         return len(rows)
-    return int((_top_chance(rows).cumprod(0) >= stop_below).sum())
+    return int((top_chance(rows).cumprod(0) >= stop_below).sum())
 
 
 def embed(lm_head: nn.Module, ids: torch.Tensor) -> torch.Tensor:

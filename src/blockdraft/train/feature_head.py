@@ -9,10 +9,9 @@ the first token does) and adds the same loss, so later draft tokens are trained 
 """
 from __future__ import annotations
 
-import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from tqdm import tqdm
 
 from ..errors import BlockdraftError
 from ..feature_head import FeatureHead, FeatureHeadConfig
+from ..heads import load_heads
 from ..models import LoadedModel, model_fingerprint
 from .heads import IGNORE, Projection, draft_vocabulary, heldout_sequences, hidden_states, load_sequences, vocab_coverage
 from .schedule import StepPlan
@@ -137,9 +137,12 @@ def train_feature_head(loaded: LoadedModel, data_dir: str | Path, out: str | Pat
                                          attention_heads=max(1, h // 64), intermediate_size=8 * h // 3,
                                          draft_vocab_size=len(vocab), base_model=loaded.name, base_fingerprint=fingerprint,
                                          prompt_context=cfg.prompt_context))
-    if init:
-        from safetensors.torch import load_file
-        head.load_state_dict(load_file(str(Path(init) / "heads.safetensors")))
+    if init:  # the loader's one-line errors for a missing, corrupt or mismatched checkpoint
+        start = load_heads(init)
+        if not isinstance(start, FeatureHead):
+            raise BlockdraftError(f"--init {init} holds BPD heads, not a feature head")
+        start.check_compatible(loaded.model, fingerprint)
+        head.load_state_dict(start.state_dict())
     head.float().train()
     lengths = [answers.length(a) for a in range(len(seqs))]
     rng = random.Random(cfg.seed)
@@ -189,7 +192,7 @@ def evaluate(head: FeatureHead, proj: Projection, answers: Answers, which: list[
     lengths = [answers.length(a) for a in range(len(answers.ids))]
     full = proj.full
     for which_b in batches(lengths, which, cfg.batch_positions, random.Random(0)):
-        _, stats = losses(head, proj, answers.batch(which_b, proj, full), FeatureTrainConfig(unroll=True))
+        _, stats = losses(head, proj, answers.batch(which_b, proj, full), replace(cfg, unroll=True))
         for i, (h, n) in enumerate(stats):
             hits[i] += float(h)
             count[i] += float(n)
