@@ -193,3 +193,57 @@ def test_cli_parser():
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["bench", "--help"])
     assert exit_info.value.code == 0
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_resume_measures_only_the_unfinished_questions(decoder, tmp_path):
+    """A run killed mid-question (half a line written) resumes with its finished questions kept."""
+    first = run_bench(decoder, QUESTIONS, ["ar", "bpd"], 6, tmp_path)
+    rows = _records(tmp_path)
+    assert [r["question_id"] for r in rows] == [1, 1, 1, 1, 2, 2, 3, 3]  # question by question, all turns
+    kept = [json.dumps(r) for r in rows[:4]]  # question 1 done, question 2 cut by a kill
+    (tmp_path / "records.jsonl").write_text("\n".join(kept + [json.dumps(rows[4]), json.dumps(rows[5])[:40]]) + "\n")
+    asked, run = [], decoder.generate
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["ids"])
+        return run(*args, **kwargs)
+
+    decoder.generate = spy
+    try:
+        again = run_bench(decoder, QUESTIONS, ["ar", "bpd"], 6, tmp_path, resume=True)
+    finally:
+        del decoder.generate
+    assert len(asked) == 2 + 2 * 2  # warm-up and questions 2, 3 for both methods; question 1 kept
+    assert again["config"]["resumed_questions"] == 1 and again["config"]["questions"] == 3
+    assert [r["question_id"] for r in _records(tmp_path)] == [1, 1, 1, 1, 2, 2, 3, 3]
+    for name in ("ar", "bpd"):
+        assert again["methods"][name]["overall"]["new_tokens"] == first["methods"][name]["overall"]["new_tokens"]
+    assert again["methods"]["bpd"]["overall"]["lossless_rate"] == 1.0
+
+
+def test_a_folder_of_another_run_is_refused(decoder, tmp_path):
+    run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path)
+    with pytest.raises(BlockdraftError, match="already holds a bench run: pass --resume"):
+        run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path)
+    with pytest.raises(BlockdraftError, match="other methods, max_new_tokens"):
+        run_bench(decoder, QUESTIONS[1:2], ["bpd"], 5, tmp_path, resume=True)
+
+
+def test_time_budget_stops_after_a_question_and_reports_it(decoder, tmp_path, capsys):
+    results = run_bench(decoder, QUESTIONS, ["ar"], 4, tmp_path, max_minutes=1e-9)
+    assert results["config"]["questions"] == 1 and results["config"]["questions_asked"] == 3
+    assert results["methods"]["ar"]["overall"]["prompts"] == 1
+    assert "--resume measures the rest" in capsys.readouterr().err
+    rest = run_bench(decoder, QUESTIONS, ["ar"], 4, tmp_path, resume=True)
+    assert rest["methods"]["ar"]["overall"]["prompts"] == 3
+
+
+def test_round_robin_takes_categories_in_turn():
+    from blockdraft.bench.runner import round_robin
+
+    qs = [{"question_id": i, "category": c} for i, c in enumerate("aaabbc")]
+    assert [q["question_id"] for q in round_robin(qs)] == [0, 3, 5, 1, 4, 2]

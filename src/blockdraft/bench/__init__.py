@@ -25,7 +25,8 @@ def _names(text: str | None) -> list[str] | None:
 
 def _command(args: argparse.Namespace) -> list[str]:
     """The full command line, defaults spelled out, so results.md says how to reproduce it."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("func", "command") and v is not None}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("func", "command", "resume", "max_minutes") and v is not None}
     return ["bench"] + [s for k, v in flags.items() for s in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -38,7 +39,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     questions = load_questions(args.prompts, _names(args.categories), args.per_category, args.limit)
     dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
-    results = run_bench(dec, questions, _names(args.methods) or [], args.max_new_tokens, args.out, argv=_command(args))
+    results = run_bench(dec, questions, _names(args.methods) or [], args.max_new_tokens, args.out,
+                        argv=_command(args), resume=args.resume, max_minutes=args.max_minutes)
     for name, entry in results["methods"].items():
         o = entry["overall"]
         speedup = f"{o['speedup_vs_ar']:.2f}x" if o["speedup_vs_ar"] is not None else "-"
@@ -64,4 +66,8 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
     p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, recorded)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (same command): keep its finished questions, measure the rest")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after the question that passes this budget and report what was measured")
     p.set_defaults(func=cmd_bench)

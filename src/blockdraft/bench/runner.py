@@ -10,7 +10,6 @@ Methods run interleaved prompt by prompt, in an order rotated per prompt, after 
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import importlib.metadata
@@ -37,6 +36,7 @@ from ..methods import resolve
 from ..models import gguf_file
 from ..types import DecodeResult
 from . import report
+from .store import RecordStore
 
 WARMUP_TOKENS = 8
 PLD_TOKENS = 10  # prompt_lookup_num_tokens of hf-pld and llamacpp-pld
@@ -255,19 +255,36 @@ def ask(decoder: Decoder, log: CallLog, name: str, run: TurnFn, question: dict,
     return records
 
 
+def round_robin(questions: list[dict]) -> list[dict]:
+    """One question of each category in turn, so a run stopped early still covers every category."""
+    by_category: dict[str, list[dict]] = {}
+    for q in questions:
+        by_category.setdefault(q["category"], []).append(q)
+    columns = list(by_category.values())
+    return [col[i] for i in range(max(map(len, columns))) for col in columns if i < len(col)]
+
+
 def interleave(decoder: Decoder, log: CallLog, runners: dict[str, TurnFn], questions: list[dict],
-               max_new_tokens: int) -> list[TurnRecord]:
-    """Every method on every question, prompt by prompt, the method order rotated per prompt."""
+               max_new_tokens: int, store: RecordStore, deadline: float | None = None) -> None:
+    """Every method on every question not yet in the store, prompt by prompt (categories taken
+    in turn), the method order rotated per prompt; each finished question goes to the store.
+    Stops at the first question that ends past the deadline."""
     from tqdm import tqdm
 
-    names, records = list(runners), []
-    with tqdm(total=len(questions) * len(names), unit="run", file=sys.stderr, mininterval=2) as bar:
-        for i, question in enumerate(questions):
+    names = list(runners)
+    todo = [(i, q) for i, q in enumerate(round_robin(questions)) if q["question_id"] not in store.done]
+    with tqdm(total=len(todo) * len(names), unit="run", file=sys.stderr, mininterval=2) as bar:
+        for i, question in todo:
+            records = []
             for name in names[i % len(names):] + names[: i % len(names)]:
                 bar.set_description(f"prompt {i + 1}/{len(questions)} {name}")
                 records += ask(decoder, log, name, runners[name], question, max_new_tokens)
                 bar.update()
-    return records
+            store.add(records)
+            if deadline is not None and time.monotonic() > deadline and len(store.done) < len(questions):
+                print(f"\n[blockdraft] bench: time budget reached with {len(store.done)}/{len(questions)} questions "
+                      "measured; the same command with --resume measures the rest", file=sys.stderr)
+                return
 
 
 def warm_up(decoder: Decoder, runners: dict[str, TurnFn], question: dict, max_new_tokens: int) -> None:
@@ -332,13 +349,6 @@ def added_memory(decoder: Decoder, name: str, peak_tree_nodes: int | None) -> di
             "tree_cache_mb": tree / 2**20, "peak_tree_nodes": peak_tree_nodes, "kv_bytes_per_token": per_token}
 
 
-def _save_records(records: list[TurnRecord], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / "records.jsonl").open("w", encoding="utf-8") as sink:
-        for record in records:
-            sink.write(json.dumps(dataclasses.asdict(record), ensure_ascii=False) + "\n")
-
-
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -362,29 +372,40 @@ def environment(decoder: Decoder, threads: int) -> dict:
 
 
 def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str, max_new_tokens: int,
-              out_dir: str | Path, argv: list[str] | None = None) -> dict:
+              out_dir: str | Path, argv: list[str] | None = None, resume: bool = False,
+              max_minutes: float | None = None) -> dict:
     """Benchmark methods on questions; writes results.json, results.md, plots and answers to
-    out_dir and returns the results dict."""
+    out_dir and returns the results dict. Measurements go to out_dir/records.jsonl question by
+    question: resume=True continues a stopped run of the same command; max_minutes stops after
+    the question that passes the budget, and the report covers the questions measured."""
     names = list(dict.fromkeys(m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)
                                if m.strip()))
     if not questions or not names:
         raise BlockdraftError("bench needs at least one question and one method")
     if max_new_tokens <= 0:
         raise BlockdraftError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
     threads = torch.get_num_threads()
     runners, skipped = setup(decoder, names)
+    identity = {"methods": list(runners), "max_new_tokens": max_new_tokens, "model": decoder.loaded.name,
+                "heads": decoder.heads_path, "dtype": str(decoder.loaded.model.dtype),
+                "questions": [[q["question_id"], len(q["turns"])] for q in questions]}
+    store = RecordStore(Path(out_dir), identity, resume)
     log = CallLog(decoder.loaded.model.get_decoder())
     try:
-        warm_up(decoder, runners, questions[0], max_new_tokens)
-        records = interleave(decoder, log, runners, questions, max_new_tokens)
+        if len(store.done) < len(questions):
+            warm_up(decoder, runners, questions[0], max_new_tokens)
+            interleave(decoder, log, runners, questions, max_new_tokens, store, deadline)
     finally:
         log.close()
-    _save_records(records, Path(out_dir))  # the measurements survive any reporting failure
+    records, measured = store.records, [q for q in questions if q["question_id"] in store.done]
     memory = {n: added_memory(decoder, n, _peak_tree_nodes(records, n)) for n in runners}
     config = {"methods": list(runners), "skipped": skipped, "max_new_tokens": max_new_tokens,
-              "questions": len(questions), "warmup_tokens": min(WARMUP_TOKENS, max_new_tokens),
+              "questions": len(measured), "questions_asked": len(questions),
+              "resumed_questions": len(store.resumed),
+              "warmup_tokens": min(WARMUP_TOKENS, max_new_tokens),
               "order": "interleaved per prompt, method order rotated per prompt",
               "command": shlex.join(["blockdraft", *argv]) if argv is not None else None}
     results = report.build(records, list(runners), memory, environment(decoder, threads), config)
-    report.write(results, records, questions, Path(out_dir))
+    report.write(results, records, measured, Path(out_dir))
     return results
