@@ -7,6 +7,7 @@ for losslessness (use ar).
 
     python benchmarks/first_turn_be.py --methods ar,fast,bpd --out runs/first-turn.jsonl --max-minutes 50
     python benchmarks/first_turn_be.py --summary runs/first-turn.jsonl
+    python benchmarks/first_turn_be.py --summary runs/bench-full/records.jsonl   # a bench run's first turns
 
 Each output file belongs to one set of heads (--heads); copy another run's `ar` lines into a new
 file to reuse them as the reference.
@@ -17,22 +18,15 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from itertools import zip_longest
 from pathlib import Path
 
 import torch
 
 
-def round_robin(questions: list[dict]) -> list[dict]:
-    by_category: dict[str, list[dict]] = defaultdict(list)
-    for q in questions:
-        by_category[q["category"]].append(q)
-    return [q for group in zip_longest(*by_category.values()) for q in group if q is not None]
-
-
 def run(methods: list[str], out: Path, max_minutes: float, max_new_tokens: int, threads: int, heads: str) -> None:
     import blockdraft
     from blockdraft.bench.datasets import load_questions
+    from blockdraft.bench.runner import round_robin
 
     torch.set_num_threads(threads)
     done = {(r["question_id"], r["method"]) for r in _read(out)}
@@ -54,7 +48,7 @@ def run(methods: list[str], out: Path, max_minutes: float, max_new_tokens: int, 
 
 def summary(path: Path) -> None:
     rows = _read(path)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: m != "ar")  # ar first: the reference
     ref = {r["question_id"]: r["ids"] for r in rows if r["method"] == methods[0]}
     complete = {q for q in ref if all(any(r["question_id"] == q and r["method"] == m for r in rows) for m in methods)}
     print(f"{len(complete)} questions with every method; reference {methods[0]}")
@@ -71,7 +65,9 @@ def summary(path: Path) -> None:
 
 
 def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """This script's lines, or the first turns of a `blockdraft bench` run's records.jsonl."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [{**r, "new_tokens": len(r["ids"])} if "turn" in r else r for r in rows if r.get("turn", 0) == 0]
 
 
 if __name__ == "__main__":
