@@ -231,6 +231,9 @@ def test_a_folder_of_another_run_is_refused(decoder, tmp_path):
         run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path)
     with pytest.raises(BlockdraftError, match="other methods, max_new_tokens"):
         run_bench(decoder, QUESTIONS[1:2], ["bpd"], 5, tmp_path, resume=True)
+    (tmp_path / "run.json").unlink()  # records of a run that predates run.json: never overwritten
+    with pytest.raises(BlockdraftError, match="cannot be resumed"):
+        run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path, resume=True)
 
 
 def test_time_budget_stops_after_a_question_and_reports_it(decoder, tmp_path, capsys):

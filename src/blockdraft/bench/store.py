@@ -46,8 +46,11 @@ class RecordStore:
         from .runner import TurnRecord
 
         run, records = self.out_dir / RUN, self.out_dir / RECORDS
-        if not run.exists() or not records.exists():
+        if not records.exists():
             return []
+        if not run.exists():
+            raise BlockdraftError(f"{self.out_dir} holds bench records without {RUN} (an older run): "
+                                  "it cannot be resumed; choose another --out")
         try:
             earlier = json.loads(run.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
