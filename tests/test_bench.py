@@ -241,6 +241,7 @@ def test_time_budget_stops_after_a_question_and_reports_it(decoder, tmp_path, ca
     assert results["config"]["questions"] == 1 and results["config"]["questions_asked"] == 3
     assert results["methods"]["ar"]["overall"]["prompts"] == 1
     assert "--resume measures the rest" in capsys.readouterr().err
+    assert "1 of 3 (stopped by --max-minutes" in (tmp_path / "results.md").read_text()
     rest = run_bench(decoder, QUESTIONS, ["ar"], 4, tmp_path, resume=True)
     assert rest["methods"]["ar"]["overall"]["prompts"] == 3
 

@@ -77,6 +77,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _measured(cfg: dict) -> str:
+    """"240", or "60 of 240 (stopped by --max-minutes ...)" for a run that has not measured every question."""
+    asked = cfg.get("questions_asked", cfg["questions"])
+    return str(asked) if cfg["questions"] == asked else \
+        f"{cfg['questions']} of {asked} (stopped by --max-minutes; --resume measures the rest)"
+
+
 def markdown(results: dict) -> str:
     """results.md: the command, the machine, and methods x categories tables."""
     env, cfg, methods, cols = results["environment"], results["config"], list(results["methods"]), columns(results)
@@ -85,7 +92,7 @@ def markdown(results: dict) -> str:
              f"- machine: {env['cpu']} ({env['cpu_count']} CPUs), device {env['device']}, "
              f"torch threads {env['torch_threads']}, python {env['python']}, "
              f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}",
-             f"- {cfg['questions']} questions, max {cfg['max_new_tokens']} new tokens, {cfg['order']}; {env['date']}"]
+             f"- {_measured(cfg)} questions, max {cfg['max_new_tokens']} new tokens, {cfg['order']}; {env['date']}"]
     lines += [f"- skipped {name}: {why}" for name, why in cfg["skipped"].items()]
     overall = [[m, _fmt(_cell(results, m, "overall", "block_efficiency")), _fmt(_cell(results, m, "overall", "tokens_per_s"), ".1f"),
                 _fmt(_cell(results, m, "overall", "speedup_vs_ar")), _fmt(_cell(results, m, "overall", "lossless_rate")),

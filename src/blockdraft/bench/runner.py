@@ -404,7 +404,8 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
               "questions": len(measured), "questions_asked": len(questions),
               "resumed_questions": len(store.resumed),
               "warmup_tokens": min(WARMUP_TOKENS, max_new_tokens),
-              "order": "interleaved per prompt, method order rotated per prompt",
+              "order": "questions round-robin over categories, methods interleaved per prompt, "
+                       "method order rotated per prompt",
               "command": shlex.join(["blockdraft", *argv]) if argv is not None else None}
     results = report.build(records, list(runners), memory, environment(decoder, threads), config)
     report.write(results, records, measured, Path(out_dir))
