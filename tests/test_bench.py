@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blockdraft.bench import DEFAULT_PROMPTS, load_questions, run_bench
-from blockdraft.bench.runner import CallLog, measure, setup
+from blockdraft.bench.runner import call_log, measure, setup
 from blockdraft.cli import build_parser, main
 from blockdraft.errors import BlockdraftError
 from blockdraft.testing import tiny_decoder
@@ -124,7 +124,7 @@ def test_answers_jsonl(bench):
 def test_hook_steps_match(decoder, method, ids):
     """Steps counted by the forward hook equal the engine's own count (and, for HF, every call)."""
     runners, _ = setup(decoder, [method])
-    log = CallLog(decoder.loaded.model.get_decoder())
+    log = call_log(decoder)
     try:
         record = measure(decoder, log, method, runners[method], ids, 8, QUESTIONS[0], 0)  # checks engine steps
         calls = len(log.widths)

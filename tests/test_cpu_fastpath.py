@@ -29,3 +29,21 @@ def test_bpd_is_lossless_on_the_fast_path_and_memory_is_counted():
     mem = added_memory(dec, "bpd", peak_tree_nodes=4)
     heads_mb = sum(p.numel() * p.element_size() for p in dec.heads.parameters()) / 2**20
     assert abs(mem["weights_mb"] - heads_mb) < 1e-9
+
+
+def test_packed_rows_do_not_depend_on_the_row_count():
+    """With pack_weight's layout a row's product is the same alone or among up to PACK_ROWS rows:
+    verifying a draft computes exactly what one-token decoding computes."""
+    import pytest
+
+    from blockdraft.cpu import PACK_ROWS, pack_weight, packed_linear
+
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        pytest.skip("no oneDNN weight reorder in this torch build")
+    torch.manual_seed(0)
+    for out_features, in_features in ((4096, 576), (96, 32)):
+        packed = pack_weight(torch.randn(out_features, in_features))
+        x = torch.randn(PACK_ROWS, in_features)
+        every = packed_linear(x, packed)
+        for rows in range(1, PACK_ROWS + 1):
+            assert torch.equal(packed_linear(x[:rows], packed), every[:rows])

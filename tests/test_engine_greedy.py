@@ -27,8 +27,8 @@ class CacheWatch:
         assert self.target.cache_length == self.total - 1
 
 
-def _run(model, drafter, refiner, prompt, max_new, stop_ids=()):
-    target = TargetModel(model)
+def _run(model, drafter, refiner, prompt, max_new, stop_ids=(), fast_path=True):
+    target = TargetModel(model, fast_path=fast_path)
     watch = CacheWatch(target, len(prompt))
     result = generate(target, drafter, refiner, prompt, DecodeConfig(max_new_tokens=max_new, stop_ids=stop_ids),
                       on_commit=watch)
@@ -41,12 +41,13 @@ def _run(model, drafter, refiner, prompt, max_new, stop_ids=()):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("num_heads", [1, 2, 4, 8])
-def test_random_heads_match_greedy(tiny_models, dtype, seed, num_heads):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["llama-fastpath", "transformers"])
+def test_random_heads_match_greedy(tiny_models, dtype, seed, num_heads, fast_path):
     model = tiny_models(seed, dtype)
     prompt, max_new = _prompt(seed), 23  # 23: not a multiple of any block size
     want = reference_greedy(model, prompt, max_new)
     drafter = HeadsDrafter(random_heads(model, num_heads, seed), model.get_output_embeddings())
-    got = _run(model, drafter, ArgmaxRefiner(), prompt, max_new)
+    got = _run(model, drafter, ArgmaxRefiner(), prompt, max_new, fast_path=fast_path)
     assert got.ids == want
 
 
@@ -78,7 +79,8 @@ def test_scripted_chains_every_acceptance_length(tiny_models, depth, seed):
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_token_trees_with_duplicate_and_partial_branches(tiny_models, seed, dtype):
+@pytest.mark.parametrize("fast_path", [True, False], ids=["llama-fastpath", "transformers"])
+def test_token_trees_with_duplicate_and_partial_branches(tiny_models, seed, dtype, fast_path):
     model = tiny_models(seed, dtype)
     prompt, max_new, depth = _prompt(seed), 25, 5
     want = reference_greedy(model, prompt, max_new)
@@ -87,7 +89,7 @@ def test_token_trees_with_duplicate_and_partial_branches(tiny_models, seed, dtyp
         wrong = [rng.choice([None, 0, 1, 2, 3, 4]) for _ in range(rng.randint(2, 5))]
         wrong.append(wrong[0])  # a duplicate branch
         refiner = ScriptedRefiner(len(prompt), want, depth, 64, wrong)
-        got = _run(model, FixedDepthDrafter(depth), refiner, prompt, max_new)
+        got = _run(model, FixedDepthDrafter(depth), refiner, prompt, max_new, fast_path=fast_path)
         assert got.ids == want
         best = depth if None in wrong else max(wrong)
         assert all(s.accepted == min(best, s.drafted) for s in got.stats[1:])

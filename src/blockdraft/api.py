@@ -50,7 +50,7 @@ class Decoder:
 
     def cost_curve(self):
         """The target's forward time per input size on this machine (for sized drafts); measured
-        once per model, device, dtype, thread count and CPU, then read from the cache folder."""
+        once per model, device, dtype, thread count, CPU and decoder body, then read from the cache folder."""
         from .cpu import LINEAR_PATH, cpu_model
         from .models import cache_root
         from .sizing import cached_cost_curve
@@ -59,7 +59,8 @@ class Decoder:
             weight = self.target.lm_head.weight
             key = {"model": self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
                    "dtype": str(weight.dtype), "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": LINEAR_PATH}
+                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": LINEAR_PATH,
+                   "body": self.target.path}
             self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves")
         return self._cost
 

@@ -26,7 +26,7 @@ class OneDNNLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.dense = linear  # kept for restore and for code that reads .weight as a dense tensor
-        self.register_buffer("packed", linear.weight.detach().to_mkldnn(), persistent=False)
+        self.register_buffer("packed", pack_weight(linear.weight.detach()), persistent=False)
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -49,6 +49,23 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return y.reshape(*shape[:-1], packed.shape[0])
 
 
+PACK_ROWS = 16  # the row count oneDNN lays weights out for (see pack_weight)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight [out, in] in oneDNN's layout for products of up to PACK_ROWS rows.
+
+    Measured here (SmolLM2-135M's body, 30 layers): the plain layout (`to_mkldnn`) takes 24.5 /
+    25.7 / 29.0 / 32.8 ms for 1 / 2 / 4 / 8 rows; this one 22.5 / 24.4 / 20.3 / 21.6 ms, so a
+    draft of up to 8 tokens costs the body no more than one token. Each row's result is also the
+    same whatever the row count (not so with the plain layout): verifying a draft computes
+    exactly the numbers plain decoding computes.
+    """
+    if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+    return weight.to_mkldnn()
+
+
 def _has_pointwise_linear() -> bool:
     try:
         w = torch.ones(2, 3)
@@ -58,7 +75,8 @@ def _has_pointwise_linear() -> bool:
 
 
 _POINTWISE = torch.backends.mkldnn.is_available() and _has_pointwise_linear()
-LINEAR_PATH = "onednn-pointwise" if _POINTWISE else "onednn-roundtrip"  # part of the cost curve's cache key
+_LAYOUT = f"-rows{PACK_ROWS}" if hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else ""
+LINEAR_PATH = ("onednn-pointwise" if _POINTWISE else "onednn-roundtrip") + _LAYOUT  # part of the cost curve's cache key
 
 
 def fast_bfloat16() -> bool:

@@ -29,7 +29,7 @@ def _heads_drafter(dec: "Decoder", topk: int, stop_below: float = 0.0) -> HeadsD
     return kind(heads, dec.target.lm_head, topk=topk, with_entropy=dec.record, stop_below=stop_below)
 
 
-BPD_STOP = 0.2  # bpd ends a draft where the heads give its chain less chance than this (README: "Adaptive draft size")
+BPD_STOP = 0.05  # bpd ends a draft where the heads give its chain less chance than this (README: "Adaptive draft size")
 
 
 def _bpd(dec: "Decoder") -> tuple[Drafter, Refiner]:

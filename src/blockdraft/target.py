@@ -4,6 +4,9 @@ Cache invariant (checked by the tests after every step): the cache holds the fir
 len(committed) - 1 tokens of prompt + generated text. The last committed token is *pending*:
 each step feeds it, followed by the draft tree, in one call; `commit` then keeps the pending
 token and the accepted nodes, and the target's own next token becomes the new pending token.
+
+Two interchangeable bodies run the decoder: transformers' own forward with its DynamicCache
+(any causal LM), and blockdraft.fastpath's lean forward for Llama-family models on CPU.
 """
 from __future__ import annotations
 
@@ -21,30 +24,79 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class TargetModel:
-    """Adapter over an unmodified Hugging Face CausalLM whose logits are lm_head(final hidden)."""
+class TransformersBody:
+    """The decoder through transformers' own forward and DynamicCache: works for any causal LM."""
+
+    name = "transformers"
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.body = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
-        self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.model, self.body = model, model.get_decoder()
         self.cache = None
-        self.calls = 0  # forwards since the last reset, the prefill included
         self._cache_arg = cache_argument(self.body)
 
     @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def cache_length(self) -> int:
+    def length(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
     def reset(self) -> None:
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.model.config)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states [N, H] of `tokens` [N] at `positions` [N], appended to the cache."""
+        kwargs = {self._cache_arg: self.cache}
+        if allowed is not None:  # a float mask: transformers' 4D form, 0 = attend
+            dtype = self.model.get_output_embeddings().weight.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            kwargs["attention_mask"] = mask[None, None].to(tokens.device)
+        out = self.body(input_ids=tokens[None], position_ids=positions[None], use_cache=True, **kwargs)
+        return out.last_hidden_state[0]
+
+    def crop(self, tokens: int) -> None:
+        self.cache.crop(-tokens)
+
+    def keep(self, past: int, nodes: list[int]) -> None:
+        index = torch.tensor(list(range(past)) + [past + n for n in nodes], device=self.model.device)
+        for layer in self.cache.layers:
+            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                raise BlockdraftError("token-tree verification needs a plain dynamic KV cache (no sliding window)")
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+
+
+class TargetModel:
+    """Adapter over an unmodified Hugging Face CausalLM whose logits are lm_head(final hidden).
+
+    fast_path=True runs Llama-family models on CPU through blockdraft.fastpath (same logits,
+    less time per step); other models, or fast_path=False, run through transformers.
+    """
+
+    def __init__(self, model: torch.nn.Module, fast_path: bool = True):
+        from .fastpath import LlamaFastPath, unsupported
+
+        self.model = model
+        self.body = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.runner = LlamaFastPath(model) if fast_path and unsupported(model) is None else TransformersBody(model)
+        self.calls = 0  # forwards since the last reset, the prefill included
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def path(self) -> str:
+        """Which body runs the decoder ("llama-fastpath" or "transformers"): part of cost-curve keys."""
+        return self.runner.name
+
+    @property
+    def cache_length(self) -> int:
+        return self.runner.length
+
+    def reset(self) -> None:
+        self.runner.reset()
         self.calls = 0
 
     @torch.inference_mode()
@@ -53,8 +105,7 @@ class TargetModel:
         self.reset()
         began = time.perf_counter()
         if ids:
-            x = torch.tensor([ids], device=self.device)
-            self.body(input_ids=x, use_cache=True, **{self._cache_arg: self.cache})
+            self.runner(torch.tensor(ids, device=self.device), torch.arange(len(ids), device=self.device), None)
             self.calls += 1
         return time.perf_counter() - began
 
@@ -62,36 +113,25 @@ class TargetModel:
     def forward(self, tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor]:
         """ONE target call over the tree; returns logits [N, V] and final hidden states [N, H]."""
         past, dev = self.cache_length, self.device
-        x = torch.tensor([tree.tokens], device=dev)
-        positions = torch.tensor([tree.depths], device=dev) + past
-        kwargs = {}
+        allowed = None  # a chain is plain causal attention
         if not tree.is_chain:  # causal within the tree = attend to ancestors only
-            dtype = self.lm_head.weight.dtype
-            allowed = torch.cat([torch.ones(tree.size, past, dtype=torch.bool), tree.ancestor_mask()], dim=1)
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-            kwargs["attention_mask"] = mask[None, None].to(dev)
-        kwargs[self._cache_arg] = self.cache
-        out = self.body(input_ids=x, position_ids=positions, use_cache=True, **kwargs)
+            allowed = torch.cat([torch.ones(tree.size, past, dtype=torch.bool), tree.ancestor_mask()], dim=1).to(dev)
+        positions = torch.tensor(tree.depths, device=dev) + past
+        hidden = self.runner(torch.tensor(tree.tokens, device=dev), positions, allowed)
         self.calls += 1
-        hidden = out.last_hidden_state[0]  # [N, H]
         return self.lm_head(hidden), hidden
 
     def rollback(self, tokens: int) -> None:
         """Drop the last `tokens` cached positions (an answer cut short inside a block)."""
         if tokens > 0:
-            self.cache.crop(-tokens)
+            self.runner.crop(tokens)
 
+    @torch.inference_mode()
     def commit(self, tree: TokenTree, path: list[int]) -> None:
         """Keep only the path's nodes (root first) of the tree just verified in the cache."""
         drop = tree.size - len(path)
         if path == list(range(len(path))):  # a prefix of the fed tokens: crop by length
             if drop:
-                self.cache.crop(-drop)
+                self.runner.crop(drop)
             return
-        past = self.cache_length - tree.size
-        keep = torch.tensor(list(range(past)) + [past + n for n in path], device=self.device)
-        for layer in self.cache.layers:
-            if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-                raise BlockdraftError("token-tree verification needs a plain dynamic KV cache (no sliding window)")
-            layer.keys = layer.keys.index_select(-2, keep)
-            layer.values = layer.values.index_select(-2, keep)
+        self.runner.keep(self.cache_length - tree.size, path)

@@ -81,23 +81,35 @@ class Unavailable(BlockdraftError):
 
 
 class CallLog:
-    """Forward hook on the model body: input width and first position of every base-model call."""
+    """Forward hooks on the model body: input width and first position of every base-model call.
 
-    def __init__(self, body: torch.nn.Module):
+    Our engine may run the body through blockdraft.fastpath instead of transformers' forward;
+    `fast_path` (that module, when the target uses it) is hooked too, so both paths count alike.
+    """
+
+    def __init__(self, body: torch.nn.Module, fast_path: torch.nn.Module | None = None):
         self.widths: list[int] = []
         self.starts: list[int | None] = []
-        self._handle = body.register_forward_hook(self._hook, with_kwargs=True)
+        self._handles = [body.register_forward_hook(self._hook, with_kwargs=True)]
+        if fast_path is not None:
+            self._handles.append(fast_path.register_forward_hook(self._fast_path_hook))
 
     def _hook(self, module, args, kwargs, output) -> None:
         self.widths.append(int(output[0].shape[1]))
         positions = kwargs.get("position_ids")
         self.starts.append(int(positions.reshape(-1)[0]) if positions is not None else None)
 
+    def _fast_path_hook(self, module, args, output) -> None:
+        tokens, positions = args[0], args[1]
+        self.widths.append(int(tokens.shape[0]))
+        self.starts.append(int(positions[0]))
+
     def reset(self) -> None:
         self.widths, self.starts = [], []
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
 
     def commits(self, prompt_len: int, new_tokens: int) -> list[int] | None:
         """Tokens committed per call of an HF generate run: call k+1 starts at the position of
@@ -106,6 +118,12 @@ class CallLog:
             return None
         lengths = [prompt_len] + [s + 1 for s in self.starts[1:]] + [prompt_len + new_tokens]
         return [b - a for a, b in zip(lengths, lengths[1:])]
+
+
+def call_log(decoder: Decoder) -> CallLog:
+    """The call counter for every method run on this decoder's model."""
+    runner = decoder.target.runner
+    return CallLog(decoder.loaded.model.get_decoder(), runner if isinstance(runner, torch.nn.Module) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +409,7 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
                 "heads": decoder.heads_path, "dtype": str(decoder.loaded.model.dtype),
                 "questions": [[q["question_id"], len(q["turns"])] for q in questions]}
     store = RecordStore(Path(out_dir), identity, resume)
-    log = CallLog(decoder.loaded.model.get_decoder())
+    log = call_log(decoder)
     try:
         if len(store.done) < len(questions):
             warm_up(decoder, runners, questions[0], max_new_tokens)

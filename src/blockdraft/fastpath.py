@@ -1,0 +1,171 @@
+"""A lean forward for Llama-family targets on CPU: transformers' LlamaModel math, less machinery.
+
+Why: on this project's 2-core CPU a SmolLM2-135M step through transformers spends ~12 of its
+~60 ms outside the matrix products (module calls, mask and cache bookkeeping), and runs q, k, v,
+gate and up as five small matrix products per layer. Here each step is one loop over the layers
+with one static KV cache; q|k|v and gate|up are single fused products (their rows are the same
+dot products, so the logits are bit-identical to transformers' in float32 and float64; the tests
+check it). The target model itself is untouched and still serves transformers' own generate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cpu import OneDNNLinear, pack_weight, packed_linear
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why `model` cannot take the fast path (None when it can)."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    body = model.get_decoder()
+    cfg = model.config
+    if type(body) is not LlamaModel:
+        return f"{type(body).__name__} is not a LlamaModel"
+    if next(model.parameters()).device.type != "cpu":
+        return "not on the CPU"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "projections with biases"
+    if getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return "a non-standard MLP"
+    return None
+
+
+class _Linear:
+    """x @ W^T with W packed for oneDNN (CPU float32) or kept dense (other dtypes)."""
+
+    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None = None):
+        self.packed = packed
+        if packed is None and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            self.packed = pack_weight(weight)
+        self.weight = None if self.packed is not None else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight)
+
+
+def _linear(module: nn.Module) -> _Linear:
+    return _Linear(module.weight, module.packed if isinstance(module, OneDNNLinear) else None)
+
+
+class LlamaFastPath(nn.Module):
+    """The decoder body of a LlamaForCausalLM with its own growing static KV cache (batch 1).
+
+    A Module only so that forward hooks see its calls (the benchmark counts calls that way).
+    """
+
+    name = "llama-fastpath"
+
+    def __init__(self, model: nn.Module, capacity: int = 512):
+        super().__init__()
+        body = model.get_decoder()
+        cfg = model.config
+        self.body = body
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.capacity, self.length = capacity, 0
+        self.keys = self.values = torch.empty(0)
+        self.layers: list[tuple] = []
+        self._built_for: tuple = ()
+
+    def reset(self) -> None:
+        """Empty the cache; (re)build the fused weights if the model's weights changed since."""
+        if self._built_for != self._weights_key():
+            self._build()
+        shape = (len(self.layers), self.kv_heads, self.capacity, self.head_dim)
+        dtype = self.body.embed_tokens.weight.dtype
+        if self.keys.shape != shape or self.keys.dtype != dtype:
+            self.keys, self.values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
+        self.length = 0
+
+    def _linears(self) -> list[nn.Module]:
+        return [m for layer in self.body.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                            layer.self_attn.v_proj, layer.self_attn.o_proj,
+                                                            layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+
+    def _weights_key(self) -> tuple:
+        """Identity of every projection weight (storage, in-place version, dtype, module kind):
+        the fused copies are stale once any of these changes (a dtype cast, a weight update)."""
+        return tuple((type(m).__name__, m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in self._linears())
+
+    def _build(self) -> None:
+        self.layers = []
+        for layer in self.body.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            self.layers.append((
+                layer.input_layernorm.weight,
+                _Linear(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+                _linear(att.o_proj),
+                layer.post_attention_layernorm.weight,
+                _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                _linear(mlp.down_proj),
+            ))
+        self._built_for = self._weights_key()
+
+    def _reserve(self, end: int) -> None:
+        """Grow the cache (doubling) so that it holds `end` positions."""
+        if end <= self.keys.shape[2]:
+            return
+        while self.capacity < end:
+            self.capacity *= 2
+        grown = [torch.zeros(len(self.layers), self.kv_heads, self.capacity, self.head_dim, dtype=self.keys.dtype)
+                 for _ in range(2)]
+        grown[0][:, :, : self.length] = self.keys[:, :, : self.length]
+        grown[1][:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = grown
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states [N, H] of `tokens` [N] at `positions` [N], appended to the cache.
+
+        allowed [N, length + N] (True = may attend) gives a tree's visibility; None means causal.
+        """
+        n, past = tokens.shape[0], self.length
+        end = past + n
+        self._reserve(end)
+        x = self.body.embed_tokens(tokens[None])
+        cos, sin = self.body.rotary_emb(x, positions[None])
+        cos, sin = cos[:, None], sin[:, None]
+        if allowed is None and n > 1 and past > 0:
+            allowed = torch.ones(n, end, dtype=torch.bool).tril(past)
+        causal = allowed is None and n > 1
+        split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
+            q, k, v = qkv(self._rms(x, norm1)).split(split, -1)
+            q, k = self._rotate(self._heads(q, n), cos, sin), self._rotate(self._heads(k, n), cos, sin)
+            self.keys[i, :, past:end] = k[0]
+            self.values[i, :, past:end] = self._heads(v, n)[0]
+            att = F.scaled_dot_product_attention(q, self.keys[i, None, :, :end], self.values[i, None, :, :end],
+                                                 attn_mask=allowed, is_causal=causal, scale=self.head_dim ** -0.5,
+                                                 enable_gqa=True)
+            x = x + out(att.transpose(1, 2).reshape(1, n, -1))
+            gate, up = gate_up(self._rms(x, norm2)).chunk(2, -1)
+            x = x + down(F.silu(gate) * up)
+        self.length = end
+        return self.body.norm(x)[0]
+
+    def crop(self, tokens: int) -> None:
+        """Forget the last `tokens` cached positions."""
+        self.length -= tokens
+
+    def keep(self, past: int, nodes: list[int]) -> None:
+        """Keep cached positions past + nodes (ascending) right after `past`, drop the rest."""
+        index = torch.tensor(nodes) + past
+        self.keys[:, :, past: past + len(nodes)] = self.keys[:, :, index]
+        self.values[:, :, past: past + len(nodes)] = self.values[:, :, index]
+        self.length = past + len(nodes)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.view(1, n, -1, self.head_dim).transpose(1, 2)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """transformers' LlamaRMSNorm, in the same order of operations."""
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin

@@ -1,0 +1,87 @@
+"""blockdraft.fastpath computes what transformers' LlamaModel computes, step by step."""
+import pytest
+import torch
+
+from blockdraft.cpu import OneDNNLinear, use_onednn_linears
+from blockdraft.drafting import HeadsDrafter
+from blockdraft.engine import DecodeConfig, generate
+from blockdraft.fastpath import LlamaFastPath, unsupported
+from blockdraft.refine.base import ArgmaxRefiner
+from blockdraft.target import TargetModel
+from blockdraft.testing import random_heads, reference_greedy, tiny_llama
+from blockdraft.tree import build_tree
+
+
+def _steps(target: TargetModel, prompt: list[int]) -> list[torch.Tensor]:
+    """Logits of a fixed script: prefill, a chain, a tree, a side-branch commit, a crop, a chain."""
+    target.prefill(prompt[:-1])
+    out = []
+    chain = build_tree(prompt[-1], [[3, 4, 5]])
+    out.append(target.forward(chain)[0])
+    target.commit(chain, [0, 1])
+    tree = build_tree(4, [[7, 8, 9], [7, 10], [11, 12, 13, 14]])
+    out.append(target.forward(tree)[0])
+    target.commit(tree, [0, 5, 6])  # the second branch, not a prefix of the fed tokens
+    out.append(target.forward(build_tree(10, [[1, 2]]))[0])
+    target.rollback(2)
+    out.append(target.forward(build_tree(2, [[60, 61, 62, 63]]))[0])
+    assert target.cache_length == len(prompt) - 1 + 2 + 3 + 1 + 5
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("onednn", [False, True])
+def test_logits_equal_transformers(dtype, seed, onednn):
+    """Bit for bit where both paths run the same kernels (float64; float32 with the oneDNN swap
+    that `blockdraft.load` makes); within float32 rounding where transformers runs MKL's dense
+    products and the fast path oneDNN's."""
+    model = tiny_llama(seed, dtype)
+    if onednn:
+        use_onednn_linears(model)  # float32 only: the packed layout both paths share
+    fast, slow = TargetModel(model), TargetModel(model, fast_path=False)
+    assert (fast.path, slow.path) == ("llama-fastpath", "transformers")
+    prompt = [5, 9, 13, 7, 22, 40, 41]
+    for got, want in zip(_steps(fast, prompt), _steps(slow, prompt)):
+        if dtype == torch.float32 and not onednn:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(got, want)
+
+
+def test_cache_grows_past_its_first_capacity():
+    model = tiny_llama(1, torch.float64, max_positions=256)
+    target = TargetModel(model)
+    target.runner.capacity = 4
+    prompt = list(range(3, 12))
+    drafter = HeadsDrafter(random_heads(model, 3, 1), model.get_output_embeddings())
+    got = generate(target, drafter, ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=40))
+    assert got.ids == reference_greedy(model, prompt, 40)
+    assert target.runner.capacity >= len(prompt) + 40 - 1 and target.runner.keys.shape[2] == target.runner.capacity
+
+
+def test_weights_changed_after_construction_are_picked_up():
+    """The fused copies are rebuilt when the model's weights change (a cast, a swap, an edit)."""
+    model = tiny_llama(2, torch.float64)
+    target = TargetModel(model)
+    prompt = [1, 2, 3, 4]
+    target.prefill(prompt)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(-1)
+    model.float()
+    use_onednn_linears(model)
+    assert any(isinstance(m, OneDNNLinear) for m in model.modules())
+    got = generate(target, HeadsDrafter(random_heads(model, 2, 2).float(), model.get_output_embeddings()),
+                   ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=20))
+    assert got.ids == reference_greedy(model, prompt, 20)
+
+
+def test_other_architectures_take_the_transformers_path():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, attention_bias=True)
+    model = LlamaForCausalLM(cfg).eval()
+    assert unsupported(model) == "projections with biases"
+    assert TargetModel(model).path == "transformers"
+    assert unsupported(tiny_llama(0)) is None and isinstance(TargetModel(tiny_llama(0)).runner, LlamaFastPath)
