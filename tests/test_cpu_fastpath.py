@@ -33,7 +33,7 @@ def test_bpd_is_lossless_on_the_fast_path_and_memory_is_counted():
 
 def test_packed_rows_do_not_depend_on_the_row_count():
     """With pack_weight's layout a row's product is the same alone or among up to PACK_ROWS rows:
-    verifying a draft computes exactly what one-token decoding computes."""
+    the products of a verified draft are exactly those of one-token decoding."""
     import pytest
 
     from blockdraft.cpu import PACK_ROWS, pack_weight, packed_linear

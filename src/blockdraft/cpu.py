@@ -50,6 +50,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 PACK_ROWS = 16  # the row count oneDNN lays weights out for (see pack_weight)
+_REORDER = hasattr(torch.ops.mkldnn, "_reorder_linear_weight")  # older builds: the plain layout
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -60,10 +61,16 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     24.4 / 20.2 / 21.6 ms, so a draft of up to 8 tokens costs the body no more than one token.
     Each row's product is also the same whatever the row count (not so with the plain layout);
     attention still differs with the query count (real model: up to 7e-5 in the logits).
+    Needs `can_pack(weight)`.
     """
-    if hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if _REORDER:
         return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
     return weight.to_mkldnn()
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can run products with this weight: float32 on the CPU, oneDNN built in."""
+    return torch.backends.mkldnn.is_available() and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def _has_pointwise_linear() -> bool:
@@ -75,7 +82,7 @@ def _has_pointwise_linear() -> bool:
 
 
 _POINTWISE = torch.backends.mkldnn.is_available() and _has_pointwise_linear()
-_LAYOUT = f"-rows{PACK_ROWS}" if hasattr(torch.ops.mkldnn, "_reorder_linear_weight") else ""
+_LAYOUT = f"-rows{PACK_ROWS}" if _REORDER else ""
 LINEAR_PATH = ("onednn-pointwise" if _POINTWISE else "onednn-roundtrip") + _LAYOUT  # part of the cost curve's cache key
 
 
@@ -90,12 +97,10 @@ def fast_bfloat16() -> bool:
 
 def use_onednn_linears(model: nn.Module) -> int:
     """Swap every nn.Linear of a CPU float32 model for OneDNNLinear; returns how many."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype == torch.float32:
+            if type(child) is nn.Linear and can_pack(child.weight):
                 setattr(module, name, OneDNNLinear(child))
                 count += 1
     return count

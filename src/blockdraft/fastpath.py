@@ -4,22 +4,23 @@ Why: on this project's 2-core CPU a SmolLM2-135M step through transformers spend
 ~60 ms outside the matrix products (module calls, mask and cache bookkeeping), and runs q, k, v,
 gate and up as five small matrix products per layer. Here each step is one loop over the layers
 with one static KV cache; q|k|v and gate|up are single fused products (their rows are the same
-dot products, so the logits are bit-identical to transformers' in float32 and float64; the tests
-check it). The target model itself is untouched and still serves transformers' own generate.
+dot products). Norms, rotary embedding and attention are transformers' own functions, so the
+logits are bit-identical to transformers' wherever both run the same kernels (float64, and
+float32 on the oneDNN layout `blockdraft.load` sets up; the tests check it). The target model
+itself is untouched and still serves transformers' own generate.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb
 
-from .cpu import OneDNNLinear, pack_weight, packed_linear
+from .cpu import OneDNNLinear, can_pack, pack_weight, packed_linear
 
 
 def unsupported(model: nn.Module) -> str | None:
     """Why `model` cannot take the fast path (None when it can)."""
-    from transformers.models.llama.modeling_llama import LlamaModel
-
     body = model.get_decoder()
     cfg = model.config
     if type(body) is not LlamaModel:
@@ -38,7 +39,7 @@ class _Linear:
 
     def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None = None):
         self.packed = packed
-        if packed is None and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if packed is None and can_pack(weight):
             self.packed = pack_weight(weight)
         self.weight = None if self.packed is not None else weight
 
@@ -65,7 +66,6 @@ class LlamaFastPath(nn.Module):
         self.body = body
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.eps = cfg.rms_norm_eps
         self.capacity, self.length = capacity, 0
         self.keys = self.values = torch.empty(0)
         self.layers: list[tuple] = []
@@ -96,10 +96,10 @@ class LlamaFastPath(nn.Module):
         for layer in self.body.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append((
-                layer.input_layernorm.weight,
+                layer.input_layernorm,
                 _Linear(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
                 _linear(att.o_proj),
-                layer.post_attention_layernorm.weight,
+                layer.post_attention_layernorm,
                 _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
                 _linear(mlp.down_proj),
             ))
@@ -127,21 +127,20 @@ class LlamaFastPath(nn.Module):
         self._reserve(end)
         x = self.body.embed_tokens(tokens[None])
         cos, sin = self.body.rotary_emb(x, positions[None])
-        cos, sin = cos[:, None], sin[:, None]
         if allowed is None and n > 1 and past > 0:
             allowed = torch.ones(n, end, dtype=torch.bool).tril(past)
         causal = allowed is None and n > 1
         split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
-            q, k, v = qkv(self._rms(x, norm1)).split(split, -1)
-            q, k = self._rotate(self._heads(q, n), cos, sin), self._rotate(self._heads(k, n), cos, sin)
+            q, k, v = qkv(norm1(x)).split(split, -1)
+            q, k = apply_rotary_pos_emb(self._heads(q, n), self._heads(k, n), cos, sin)
             self.keys[i, :, past:end] = k[0]
             self.values[i, :, past:end] = self._heads(v, n)[0]
             att = F.scaled_dot_product_attention(q, self.keys[i, None, :, :end], self.values[i, None, :, :end],
                                                  attn_mask=allowed, is_causal=causal, scale=self.head_dim ** -0.5,
                                                  enable_gqa=True)
             x = x + out(att.transpose(1, 2).reshape(1, n, -1))
-            gate, up = gate_up(self._rms(x, norm2)).chunk(2, -1)
+            gate, up = gate_up(norm2(x)).chunk(2, -1)
             x = x + down(F.silu(gate) * up)
         self.length = end
         return self.body.norm(x)[0]
@@ -159,13 +158,3 @@ class LlamaFastPath(nn.Module):
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.view(1, n, -1, self.head_dim).transpose(1, 2)
-
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """transformers' LlamaRMSNorm, in the same order of operations."""
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * h.to(x.dtype)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
