@@ -83,3 +83,35 @@ def test_init_from_plain_heads_starts_chained_heads_where_they_were(tiny_models,
     hidden, before = torch.randn(5, 32), torch.randint(0, 64, (5, 3))
     lm_head = model.get_output_embeddings()
     torch.testing.assert_close(chained.logits(hidden, lm_head, before), plain.logits(hidden, lm_head))
+
+
+@pytest.mark.parametrize("heads_dtype", [torch.float32, torch.bfloat16])
+def test_packed_drafting_equals_the_modules_and_follows_weight_changes(tiny_models, heads_dtype):
+    """On a oneDNN target the chained blocks and draft rows run packed for one-row products:
+    the plain modules' logits (up to summation order), and a changed block weight is packed again."""
+    from blockdraft.cpu import OneDNNLinear, can_pack, use_onednn_linears
+
+    model = tiny_models(1, torch.float32)
+    if not can_pack(model.get_output_embeddings().weight):
+        pytest.skip("oneDNN is not available")
+    heads = random_heads(model, 3, seed=2, chain=True).to(heads_dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if heads_dtype == torch.float32 else {"rtol": 0.02, "atol": 0.02}
+    heads.set_draft_vocab(torch.arange(0, 64, 3))
+    plain_head = model.get_output_embeddings()
+    hidden = torch.randn(model.config.hidden_size)
+    want, _ = heads.draft_logits(hidden, plain_head, next_token=7)
+    use_onednn_linears(model)
+    packed_head = model.get_output_embeddings()
+    assert isinstance(packed_head, OneDNNLinear)
+    heads._rows_of = None  # the draft rows were copied for the plain head: copy them packed
+    got, _ = heads.draft_logits(hidden, packed_head, next_token=7)
+    assert heads.draft_block0.is_mkldnn and heads.draft_rows.is_mkldnn
+    torch.testing.assert_close(got, want, **tol)
+    with torch.no_grad():
+        heads.blocks[0].weight.mul_(2)
+    heads._rows_of = None
+    again, _ = heads.draft_logits(hidden, packed_head, next_token=7)
+    heads._rows_of = None
+    expected, _ = heads.draft_logits(hidden, plain_head, next_token=7)
+    torch.testing.assert_close(again, expected, **tol)
+    assert not torch.allclose(again, got, **tol)
