@@ -63,7 +63,7 @@ def pack_weight(weight: torch.Tensor, rows: int = PACK_ROWS) -> torch.Tensor:
     attention still differs with the query count (real model: up to 7e-5 in the logits).
     Drafting packs its bfloat16 weights for 1 row: the drafters' one-row products then take
     82 instead of 182 us (4,096 x 576 draft rows) and 78 instead of 170 us (the last chained
-    head, 576 x 4,032), the same results. Needs `can_pack(weight)` (or bfloat16 for drafting).
+    head, 576 x 4,032); the rows' products are bit-identical. Needs `can_pack(weight)` (or bfloat16 for drafting).
     """
     if _REORDER:
         return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
