@@ -1,4 +1,5 @@
 """Chained (Hydra-style) draft heads: drafting equals teacher forcing on the drafted chain, output stays greedy."""
+import copy
 import random
 
 import pytest
@@ -88,10 +89,11 @@ def test_init_from_plain_heads_starts_chained_heads_where_they_were(tiny_models,
 @pytest.mark.parametrize("heads_dtype", [torch.float32, torch.bfloat16])
 def test_packed_drafting_equals_the_modules_and_follows_weight_changes(tiny_models, heads_dtype):
     """On a oneDNN target the chained blocks and draft rows run packed for one-row products:
-    the plain modules' logits (up to summation order), and a changed block weight is packed again."""
+    the plain modules' logits (up to summation order); switching the head's layout or changing a
+    block weight packs again."""
     from blockdraft.cpu import OneDNNLinear, can_pack, use_onednn_linears
 
-    model = tiny_models(1, torch.float32)
+    model = copy.deepcopy(tiny_models(1, torch.float32))  # the swap below must not touch the shared model
     if not can_pack(model.get_output_embeddings().weight):
         pytest.skip("oneDNN is not available")
     heads = random_heads(model, 3, seed=2, chain=True).to(heads_dtype)
@@ -100,18 +102,17 @@ def test_packed_drafting_equals_the_modules_and_follows_weight_changes(tiny_mode
     plain_head = model.get_output_embeddings()
     hidden = torch.randn(model.config.hidden_size)
     want, _ = heads.draft_logits(hidden, plain_head, next_token=7)
+    assert not heads.draft_rows.is_mkldnn
     use_onednn_linears(model)
     packed_head = model.get_output_embeddings()
     assert isinstance(packed_head, OneDNNLinear)
-    heads._rows_of = None  # the draft rows were copied for the plain head: copy them packed
     got, _ = heads.draft_logits(hidden, packed_head, next_token=7)
     assert heads.draft_block0.is_mkldnn and heads.draft_rows.is_mkldnn
     torch.testing.assert_close(got, want, **tol)
     with torch.no_grad():
         heads.blocks[0].weight.mul_(2)
-    heads._rows_of = None
     again, _ = heads.draft_logits(hidden, packed_head, next_token=7)
-    heads._rows_of = None
     expected, _ = heads.draft_logits(hidden, plain_head, next_token=7)
+    assert not heads.draft_rows.is_mkldnn  # back on the plain head: dense rows again
     torch.testing.assert_close(again, expected, **tol)
     assert not torch.allclose(again, got, **tol)

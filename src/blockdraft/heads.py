@@ -61,7 +61,7 @@ class DraftHeads(nn.Module):
             nn.init.zeros_(block.bias)
         if config.draft_vocab_size:
             self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        self._rows_of: int | None = None  # id of the lm_head weight whose rows `draft_rows` holds
+        self._rows_of: tuple | None = None  # which lm_head weight, version, dtype and layout `draft_rows` holds
 
     @property
     def num_heads(self) -> int:
@@ -144,11 +144,12 @@ class DraftHeads(nn.Module):
             return list(self.blocks)
         key = tuple((b.weight.data_ptr(), b.weight._version, b.weight.dtype) for b in self.blocks)
         if getattr(self, "_blocks_of", None) != key:
+            self._packed_blocks = []
             for j, block in enumerate(self.blocks):
-                self.register_buffer(f"draft_block{j}", pack_weight(block.weight.detach(), 1), persistent=False)
+                packed = pack_weight(block.weight.detach(), 1)
+                self.register_buffer(f"draft_block{j}", packed, persistent=False)
+                self._packed_blocks.append(lambda x, w=packed, b=block.bias: packed_linear(x, w, b))
             self._blocks_of = key
-            self._packed_blocks = [lambda x, j=j, b=b: packed_linear(x, getattr(self, f"draft_block{j}"), b.bias)
-                                   for j, b in enumerate(self.blocks)]
         return self._packed_blocks
 
     def check_compatible(self, model: torch.nn.Module, fingerprint: str | None = None) -> None:
@@ -166,13 +167,14 @@ def draft_projection(owner: nn.Module, lm_head: nn.Module, dtype: torch.dtype):
         return (lambda states: lm_head(states.to(lm_head.weight.dtype))), None
     from .cpu import OneDNNLinear, pack_weight, packed_linear
 
-    weight = lm_head.weight
-    if getattr(owner, "_rows_of", None) != id(weight):  # first call, or another lm_head: copy its draft rows once
+    weight, packed = lm_head.weight, isinstance(lm_head, OneDNNLinear)  # packed: the model runs oneDNN linears
+    key = (id(weight), weight._version, dtype, packed)
+    if getattr(owner, "_rows_of", None) != key:  # first call, another lm_head or layout: copy its draft rows once
         rows = weight.detach()[owner.draft_vocab].to(dtype)  # [V', H]: 4.7 MB for 4,096 SmolLM2 rows in bfloat16
-        if isinstance(lm_head, OneDNNLinear):  # the model runs oneDNN linears: pack for one-row products
+        if packed:  # laid out for one-row products
             rows = pack_weight(rows, 1)
         owner.register_buffer("draft_rows", rows, persistent=False)
-        owner._rows_of = id(weight)
+        owner._rows_of = key
     if owner.draft_rows.is_mkldnn:
         return (lambda states: packed_linear(states.to(dtype), owner.draft_rows)), owner.draft_vocab
     return (lambda states: nn.functional.linear(states.to(dtype), owner.draft_rows)), owner.draft_vocab
