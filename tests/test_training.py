@@ -38,6 +38,72 @@ def test_distill_resumes_and_reports_bad_lines(loaded, tmp_path, capsys):
         distill(loaded, prompts, out, DistillConfig(max_new_tokens=9))
 
 
+def test_distill_keeps_the_hidden_states_training_would_compute(loaded, tmp_path):
+    """Kept rows (prompts of several lengths, left-padded, resumed) equal a fresh forward over prompt + answer."""
+    import torch
+
+    from blockdraft.train.heads import hidden_states, load_sequences
+
+    prompts, out = _prompts(tmp_path / "p.jsonl"), tmp_path / "d"
+    distill(loaded, prompts, out, DistillConfig(max_new_tokens=7, limit=5, batch_size=3))
+    distill(loaded, prompts, out, DistillConfig(max_new_tokens=7, batch_size=4))
+    seqs, _ = load_sequences(out)
+    assert len(seqs) == 12 and all(s.hidden_row >= 0 for s in seqs)
+    kept = hidden_states(loaded, seqs, out)
+    assert not list(out.glob("hidden-*.f16"))  # nothing recomputed, nothing cached
+    body, at = loaded.model.get_decoder(), 0
+    for s in seqs:
+        with torch.no_grad():
+            fresh = body(input_ids=torch.tensor([s.ids])).last_hidden_state[0, s.prompt_len - 1: len(s.ids) - 1]
+        assert torch.allclose(kept[at:at + len(fresh)].to(fresh.dtype), fresh, atol=2e-2), s
+        at += len(fresh)
+    assert at == len(kept)
+
+
+def test_distilled_answers_equal_unbatched_greedy_decoding(loaded, tmp_path):
+    """Rows leave the batch as they finish: every answer still equals the model's own greedy decode."""
+    import torch
+
+    from blockdraft.train.distill import _stop_ids
+
+    from collections import Counter
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    distill(loaded, prompts, tmp_path / "d0", DistillConfig(max_new_tokens=12))
+    first = [json.loads(line)["answer_ids"] for line in (tmp_path / "d0" / DATA_FILE).open()]
+    # a token the random model says mid-answer becomes its end of turn: rows now finish at different steps
+    loaded.model.generation_config.eos_token_id = Counter(t for a in first for t in a[1:8]).most_common(1)[0][0]
+    out = tmp_path / "d"
+    distill(loaded, prompts, out, DistillConfig(max_new_tokens=12, batch_size=5))
+    rows = [json.loads(line) for line in (out / DATA_FILE).open()]
+    stops = _stop_ids(loaded)
+    assert len({len(r["answer_ids"]) for r in rows if r["answer_ids"][-1] in stops}) > 1  # rows left their batch early
+    for r in rows:
+        prompt = torch.tensor([r["prompt_ids"]])
+        ref = loaded.model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                                    eos_token_id=sorted(stops), pad_token_id=0)[0, prompt.shape[1]:].tolist()
+        cut = next((i + 1 for i, t in enumerate(ref) if t in stops), len(ref))
+        assert r["answer_ids"] == ref[:cut], r["id"]
+
+
+def test_records_without_kept_states_get_them_from_one_pass(loaded, tmp_path):
+    """Older folders (no hidden rows) and records whose rows are missing: computed, the kept ones reused."""
+    import torch
+
+    from blockdraft.train.heads import hidden_states, load_sequences
+
+    out = tmp_path / "d"
+    distill(loaded, _prompts(tmp_path / "p.jsonl"), out, DistillConfig(max_new_tokens=7))
+    seqs, _ = load_sequences(out)
+    kept = hidden_states(loaded, seqs, out)
+    mixed = [s._replace(hidden_row=-1) if i % 3 == 0 else s for i, s in enumerate(seqs)]
+    again = hidden_states(loaded, mixed, out)  # a third recomputed under bfloat16 autocast
+    assert list(out.glob("hidden-*.f16")) and torch.allclose(again.float(), kept.float(), atol=0.1)
+    span = len(seqs[1].ids) - seqs[1].prompt_len
+    first = len(seqs[0].ids) - seqs[0].prompt_len
+    assert torch.equal(again[first:first + span], kept[first:first + span])  # a kept record's rows as kept
+
+
 def test_following_tokens_hold_next_token_then_head_targets():
     t = following_tokens([([10, 11, 12, 13, 14], 2, "")], num_heads=2).tolist()
     # positions t = 1, 2, 3 (prompt length 2): x[t+1] (base model), head 1 -> x[t+2], head 2 -> x[t+3]

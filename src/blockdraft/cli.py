@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="JSONL with 'id' and 'turns' (see `blockdraft prompts`)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=0, help="0: 16 on CPU, 384 on GPU")
+    p.add_argument("--batch-size", type=int, default=0, help="0: 32 on CPU, 384 on GPU")
     p.add_argument("--limit", type=int, default=0, help="at most N new prompts this run")
     p.set_defaults(func=cmd_distill)
 

@@ -123,9 +123,9 @@ def train_feature_head(loaded: LoadedModel, data_dir: str | Path, out: str | Pat
     if meta.get("model_fingerprint") not in (None, fingerprint):
         raise BlockdraftError(f"{data_dir} was distilled from another model ({meta.get('model')}); distill again for this one")
     torch.manual_seed(cfg.seed)
-    hidden = hidden_states(loaded, seqs, data_dir / f"hidden-{fingerprint}-bf16.f16")
-    spans = [len(ids) - plen for ids, plen, _ in seqs]
-    answers = Answers(hidden, [ids for ids, _, _ in seqs], [plen for _, plen, _ in seqs],
+    hidden = hidden_states(loaded, seqs, data_dir)
+    spans = [len(ids) - plen for ids, plen, *_ in seqs]
+    answers = Answers(hidden, [s.ids for s in seqs], [s.prompt_len for s in seqs],
                       np.concatenate([[0], np.cumsum(spans)]), cfg.prompt_context)
     full = loaded.model.get_output_embeddings().weight.detach().float()
     vocab = draft_vocabulary(seqs, cfg.draft_vocab)
@@ -173,7 +173,7 @@ def train_feature_head(loaded: LoadedModel, data_dir: str | Path, out: str | Pat
     report = evaluate(head, proj, answers, sorted(held), cfg)
     head.set_draft_vocab(vocab)
     head.config.training = {
-        "data": str(data_dir), "sources": sorted({s for _, _, s in seqs if s}), "sequences": len(seqs),
+        "data": str(data_dir), "sources": sorted({s.source for s in seqs if s.source}), "sequences": len(seqs),
         "train_positions": int(sum(spans[a] for a in train)), "epochs": round(done / per_epoch, 2), "steps": done,
         "seed": cfg.seed, "config": asdict(cfg), "train_seconds": round(time.time() - began, 1), "device": str(loaded.device),
         "heldout": report, "init": init, "distill": meta,

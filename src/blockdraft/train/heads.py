@@ -1,8 +1,9 @@
 """Training draft heads by self-distillation on a frozen base model.
 
 Data: the records written by `blockdraft distill`. For every answer position t (from the last
-prompt token on) the base model's final hidden state h[t] is computed once and cached on disk
-(float16). Draft head j learns x[t+1+j] with cross-entropy through the frozen shared output
+prompt token on) the base model's final hidden state h[t] comes from what `distill` kept while
+generating; records without kept states (older folders) get theirs from one extra pass, cached
+on disk (float16). Draft head j learns x[t+1+j] with cross-entropy through the frozen shared output
 projection (equal head weights, as in the paper). AdamW, linear warm-up, cosine decay,
 gradient clipping; a held-out split by sequence; checkpoints every epoch for --resume.
 
@@ -18,6 +19,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from ..errors import BlockdraftError
 from ..heads import DraftHeads, HeadsConfig, following_ids
 from ..jsonl import read_jsonl
 from ..models import LoadedModel, model_fingerprint
-from .distill import DATA_FILE, META_FILE
+from .distill import DATA_FILE, META_FILE, kept_hidden
 from .schedule import StepPlan
 
 IGNORE = -100
@@ -81,15 +83,24 @@ class Projection:
         return columns if self.vocab is None else self.vocab[columns]
 
 
-def load_sequences(data_dir: Path) -> tuple[list[tuple[list[int], int]], dict]:
-    """[(prompt + answer ids, prompt length)] and the distillation meta."""
+class Sequence(NamedTuple):
+    """One distilled record: what the heads train on."""
+    ids: list[int]  # prompt + answer
+    prompt_len: int
+    source: str
+    hidden_row: int = -1  # first row of its kept hidden states in the folder's hidden file (-1: none)
+
+
+def load_sequences(data_dir: Path) -> tuple[list[Sequence], dict]:
+    """The distilled records (prompt + answer ids, prompt length, source, kept-state row) and the meta."""
     meta_path = Path(data_dir) / META_FILE
     if not meta_path.exists():
         raise BlockdraftError(f"{data_dir} is not a distillation folder (no {META_FILE}); run `blockdraft distill`")
     def check(rec: dict) -> str | None:
         ok = isinstance(rec.get("prompt_ids"), list) and isinstance(rec.get("answer_ids"), list)
         return None if ok and rec["answer_ids"] else "missing or empty 'prompt_ids'/'answer_ids'"
-    seqs = [(rec["prompt_ids"] + rec["answer_ids"], len(rec["prompt_ids"]), rec.get("source", ""))
+    seqs = [Sequence(rec["prompt_ids"] + rec["answer_ids"], len(rec["prompt_ids"]), rec.get("source", ""),
+                     rec["hidden_row"] if isinstance(rec.get("hidden_row"), int) else -1)
             for _, rec in read_jsonl(Path(data_dir) / DATA_FILE, check, on_error="skip")]
     if not seqs:
         raise BlockdraftError(f"{data_dir}/{DATA_FILE} holds no usable records")
@@ -99,7 +110,7 @@ def load_sequences(data_dir: Path) -> tuple[list[tuple[list[int], int]], dict]:
 def draft_vocabulary(seqs: list, size: int) -> torch.Tensor:
     """The `size` most frequent answer tokens, most frequent first (ties: lower id first)."""
     counts: Counter[int] = Counter()
-    for ids, prompt_len, _ in seqs:
+    for ids, prompt_len, *_ in seqs:
         counts.update(ids[prompt_len:])
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return torch.tensor([token for token, _ in ranked[:size]], dtype=torch.long)
@@ -121,28 +132,38 @@ def add_draft_vocab(heads_dir: str | Path, data_dir: str | Path, size: int) -> f
 
 def vocab_coverage(seqs: list, vocab: torch.Tensor) -> float:
     keep = set(vocab.tolist())
-    answers = [t for ids, prompt_len, _ in seqs for t in ids[prompt_len:]]
+    answers = [t for ids, prompt_len, *_ in seqs for t in ids[prompt_len:]]
     return sum(t in keep for t in answers) / max(1, len(answers))
 
 
 @torch.inference_mode()
-def hidden_states(loaded: LoadedModel, seqs: list, cache: Path, batch_tokens: int = 0) -> torch.Tensor:
-    """Final hidden state at every answer-predicting position, concatenated over sequences, cached.
+def hidden_states(loaded: LoadedModel, seqs: list, data_dir: Path, batch_tokens: int = 0) -> torch.Tensor:
+    """Final hidden state at every answer-predicting position, concatenated over sequences.
 
-    Computed under bfloat16 autocast (1.8x faster on this CPU; heads are drafts, so features
-    that close to the float32 ones train heads just as well) and stored as float16. Batches of
-    `batch_tokens` (0: 2,048 on a CPU, where bigger ones gain nothing, 32,768 on a GPU).
+    Taken from the states `distill` kept where a record has them; the rest are computed in one
+    pass under bfloat16 autocast (1.8x faster on this CPU; heads are drafts, so features that
+    close to the float32 ones train heads just as well), stored as float16 and cached in
+    `data_dir`. Batches of `batch_tokens` (0: 2,048 on a CPU, where bigger ones gain nothing,
+    32,768 on a GPU).
     """
     batch_tokens = batch_tokens or (2048 if loaded.device.type == "cpu" else 32768)
-    spans = [len(ids) - plen for ids, plen, _ in seqs]  # positions plen-1 .. len-2
+    spans = [len(ids) - plen for ids, plen, *_ in seqs]  # positions plen-1 .. len-2
     total, size = sum(spans), loaded.model.config.hidden_size
+    offsets = np.concatenate([[0], np.cumsum(spans)])
+    kept = kept_hidden(data_dir, size)
+    rows = [s[3] if len(s) > 3 else -1 for s in seqs]
+    have = [kept is not None and 0 <= row and row + span <= len(kept) for row, span in zip(rows, spans)]
+    if all(have):
+        return torch.from_numpy(np.concatenate([kept[row:row + span] for row, span in zip(rows, spans)]))
+    cache = Path(data_dir) / f"hidden-{model_fingerprint(loaded.model)}-bf16.f16"
     if cache.exists() and cache.stat().st_size == total * size * 2:
         return torch.from_numpy(np.fromfile(cache, dtype=np.float16).reshape(total, size))
     out = torch.empty((total, size), dtype=torch.float16)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    offsets = np.concatenate([[0], np.cumsum(spans)])
+    for i in (i for i, ok in enumerate(have) if ok):
+        out[offsets[i]:offsets[i + 1]] = torch.from_numpy(np.array(kept[rows[i]:rows[i] + spans[i]]))
+    order = sorted((i for i, ok in enumerate(have) if not ok), key=lambda i: len(seqs[i][0]))
     body, dev = loaded.model.get_decoder(), loaded.device
-    with tqdm(total=total, desc="hidden states", unit="tok") as bar:
+    with tqdm(total=int(sum(spans[i] for i in order)), desc="hidden states", unit="tok") as bar:
         i = 0
         while i < len(order):
             width = len(seqs[order[i]][0])
@@ -156,7 +177,7 @@ def hidden_states(loaded: LoadedModel, seqs: list, cache: Path, batch_tokens: in
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 h = body(input_ids=ids.to(dev)).last_hidden_state.to("cpu", torch.float16)
             for r, g in enumerate(group):
-                ids_g, plen, _ = seqs[g]
+                ids_g, plen = seqs[g][:2]
                 out[offsets[g]:offsets[g + 1]] = h[r, plen - 1: len(ids_g) - 1]
             bar.update(int(sum(spans[g] for g in group)))
             i += len(group)
@@ -171,7 +192,7 @@ def following_tokens(seqs: list, num_heads: int) -> torch.Tensor:
     Column 0 is the base model's own next token (the chained heads' first input); column j is
     draft head j's target.
     """
-    return torch.cat([following_ids(ids, plen - 1, len(ids) - plen, num_heads + 1, pad=IGNORE) for ids, plen, _ in seqs])
+    return torch.cat([following_ids(ids, plen - 1, len(ids) - plen, num_heads + 1, pad=IGNORE) for ids, plen, *_ in seqs])
 
 
 def heldout_sequences(n: int, heldout: float, seed: int) -> set[int]:
@@ -183,7 +204,7 @@ def heldout_sequences(n: int, heldout: float, seed: int) -> set[int]:
 
 def split_positions(seqs: list, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Position indices of train and held-out sequences (split by sequence, not by token)."""
-    spans = np.array([len(ids) - plen for ids, plen, _ in seqs])
+    spans = np.array([len(ids) - plen for ids, plen, *_ in seqs])
     offsets = np.concatenate([[0], np.cumsum(spans)])
     held = heldout_sequences(len(seqs), heldout, seed)
     pick = lambda keep: np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in range(len(seqs)) if (i in held) == keep] or [np.zeros(0, dtype=np.int64)])
@@ -266,7 +287,7 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
     if meta.get("model_fingerprint") not in (None, fingerprint):
         raise BlockdraftError(f"{data_dir} was distilled from another model ({meta.get('model')}); distill again for this one")
     torch.manual_seed(cfg.seed)
-    data = PositionData(hidden_states(loaded, seqs, data_dir / f"hidden-{fingerprint}-bf16.f16"),
+    data = PositionData(hidden_states(loaded, seqs, data_dir),
                         following_tokens(seqs, cfg.num_heads), len(seqs))
     train_idx, held_idx = split_positions(seqs, cfg.heldout, cfg.seed)
     if cfg.max_tokens:
@@ -325,7 +346,7 @@ def train_heads(loaded: LoadedModel, data_dir: str | Path, out: str | Path, cfg:
         if plan.finished(done):
             break
     report = evaluate(heads, proj, data, held_idx, cfg.batch_positions)
-    sources = sorted({s for _, _, s in seqs if s})
+    sources = sorted({s.source for s in seqs if s.source})
     if vocab is not None:
         heads.set_draft_vocab(vocab)
     heads.config.training = {

@@ -51,7 +51,7 @@ def build_rescorer(vocab_size: int, cfg: RescorerTrainConfig, bos: int | None, e
 
 def _chunks(seqs: list, context: int, eos: int) -> torch.Tensor:
     """Concatenate every sequence (prompt + answer), then cut into [N, context] rows."""
-    stream = np.concatenate([np.asarray(ids + [eos], dtype=np.int64) for ids, _, _ in seqs])
+    stream = np.concatenate([np.asarray(ids + [eos], dtype=np.int64) for ids, *_ in seqs])
     n = len(stream) // context
     return torch.from_numpy(stream[: n * context].reshape(n, context))
 
