@@ -36,6 +36,8 @@ def test_distill_resumes_and_reports_bad_lines(loaded, tmp_path, capsys):
     assert all(0 < len(r["answer_ids"]) <= 6 for r in rows)
     with pytest.raises(BlockdraftError, match="another distillation run"):
         distill(loaded, prompts, out, DistillConfig(max_new_tokens=9))
+    with pytest.raises(BlockdraftError, match="at least 1"):
+        distill(loaded, prompts, tmp_path / "d0", DistillConfig(max_new_tokens=0))
 
 
 def test_distill_keeps_the_hidden_states_training_would_compute(loaded, tmp_path):
@@ -46,6 +48,8 @@ def test_distill_keeps_the_hidden_states_training_would_compute(loaded, tmp_path
 
     prompts, out = _prompts(tmp_path / "p.jsonl"), tmp_path / "d"
     distill(loaded, prompts, out, DistillConfig(max_new_tokens=7, limit=5, batch_size=3))
+    with (out / "hidden.f16").open("ab") as states:  # a crash mid-row: the resumed run must start on a row boundary
+        states.write(b"\0" * 5)
     distill(loaded, prompts, out, DistillConfig(max_new_tokens=7, batch_size=4))
     seqs, _ = load_sequences(out)
     assert len(seqs) == 12 and all(s.hidden_row >= 0 for s in seqs)

@@ -14,6 +14,7 @@ engine drafts from, computed as it computes them (one token at a time after the 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,8 @@ def _check_meta(out: Path, meta: dict) -> None:
 
 def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg: DistillConfig) -> Path:
     """Generate greedy answers (first turn, chat template) for every prompt not yet in DIR."""
+    if cfg.max_new_tokens < 1:
+        raise BlockdraftError(f"--max-new-tokens must be at least 1, not {cfg.max_new_tokens}")
     out = Path(out)
     meta = {"model": loaded.name, "model_fingerprint": model_fingerprint(loaded.model),
             "max_new_tokens": cfg.max_new_tokens, "prompts": str(prompts_file),
@@ -90,20 +93,23 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
     eos = _stop_ids(loaded)
     new_tokens, start = 0, time.time()
     row_bytes = 2 * loaded.model.config.hidden_size
+    _drop_partial_row(out / HIDDEN_FILE, row_bytes)
     with data.open("a", encoding="utf-8") as sink, (out / HIDDEN_FILE).open("ab") as states, \
             tqdm(total=len(todo), desc="distill", unit="prompt") as bar:
         for first in range(0, len(todo), batch):
             chunk = todo[first:first + batch]
             answers, hidden = _generate_batch(loaded, [ids for _, ids in chunk], cfg.max_new_tokens, eos)
-            for (rec, ids), answer, h in zip(chunk, answers, hidden):
-                hidden_row = states.tell() // row_bytes  # rows first: a record never names rows that are not there
+            first_rows = []
+            for h in hidden:
+                first_rows.append(states.tell() // row_bytes)
                 states.write(h.numpy().tobytes())
+            states.flush()  # rows before records: a record never names rows that are not on disk
+            for (rec, ids), answer, hidden_row in zip(chunk, answers, first_rows):
                 row = {"id": rec["id"], "source": rec.get("source", ""), "domain": rec.get("domain", ""),
                        "prompt_ids": ids, "answer_ids": answer, "hidden_row": hidden_row,
                        "text": tok.decode(answer, skip_special_tokens=True)}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 new_tokens += len(answer)
-            states.flush()
             sink.flush()
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{new_tokens / (time.time() - start):.0f}", tokens=new_tokens)
@@ -116,6 +122,13 @@ def _stop_ids(loaded: LoadedModel) -> set[int]:
     if loaded.tokenizer.eos_token_id is not None:
         ids.add(loaded.tokenizer.eos_token_id)
     return ids
+
+
+def _drop_partial_row(path: Path, row_bytes: int) -> None:
+    """Cut a row a crash left half-written, so the rows appended next start on a row boundary."""
+    size = path.stat().st_size if path.exists() else 0
+    if size % row_bytes:
+        os.truncate(path, size - size % row_bytes)
 
 
 def kept_hidden(data_dir: str | Path, hidden_size: int) -> np.ndarray | None:
@@ -150,8 +163,9 @@ def _generate_batch(loaded: LoadedModel, prompts: list[list[int]], max_new: int,
     ids, mask = ids.to(dev), mask.to(dev)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
+    cache_kwarg = {cache_argument(body): cache}  # looked up once: it inspects the forward's signature
     forward = lambda tokens, pos: body(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
-                                       **{cache_argument(body): cache}).last_hidden_state[:, -1]
+                                       **cache_kwarg).last_hidden_state[:, -1]
     hidden = forward(ids, positions)  # [rows, H] at each row's last prompt token
     live = torch.arange(len(prompts), device=dev)  # original row of each row still generating
     stops = torch.tensor(sorted(eos), device=dev)

@@ -137,7 +137,7 @@ def vocab_coverage(seqs: list, vocab: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def hidden_states(loaded: LoadedModel, seqs: list, data_dir: Path, batch_tokens: int = 0) -> torch.Tensor:
+def hidden_states(loaded: LoadedModel, seqs: list[Sequence], data_dir: Path, batch_tokens: int = 0) -> torch.Tensor:
     """Final hidden state at every answer-predicting position, concatenated over sequences.
 
     Taken from the states `distill` kept where a record has them; the rest are computed in one
@@ -151,7 +151,7 @@ def hidden_states(loaded: LoadedModel, seqs: list, data_dir: Path, batch_tokens:
     total, size = sum(spans), loaded.model.config.hidden_size
     offsets = np.concatenate([[0], np.cumsum(spans)])
     kept = kept_hidden(data_dir, size)
-    rows = [s[3] if len(s) > 3 else -1 for s in seqs]
+    rows = [s.hidden_row for s in seqs]
     have = [kept is not None and 0 <= row and row + span <= len(kept) for row, span in zip(rows, spans)]
     if all(have):
         return torch.from_numpy(np.concatenate([kept[row:row + span] for row, span in zip(rows, spans)]))
