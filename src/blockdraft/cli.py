@@ -54,9 +54,37 @@ def cmd_prompts(args) -> None:
 
 def cmd_distill(args) -> None:
     from .train.distill import DistillConfig, distill
-    cfg = DistillConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit)
+    cfg = DistillConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
+                        corpus=args.corpus or "", shard_records=args.shard_records)
     path = distill(_load(args), args.prompts, args.out, cfg)
-    print(f"distillation data in {path}")
+    print(f"distillation data in {path}" + (f", packed into {args.corpus}" if args.corpus else ""))
+
+
+def cmd_corpus(args) -> None:
+    from .corpus import Corpus
+    from .train.distill import corpus_identity, pack_distilled
+
+    if args.action == "add":
+        from pathlib import Path
+        if not args.source:
+            raise BlockdraftError("corpus add needs --from DIR (a folder written by `blockdraft distill`)")
+        meta_path = Path(args.source) / "meta.json"
+        if not meta_path.is_file():
+            raise BlockdraftError(f"{args.source} is not a distillation folder (no meta.json)")
+        meta = json.loads(meta_path.read_text())
+        corpus = Corpus.create_or_open(args.corpus, corpus_identity(meta))
+        licences = _licences(args.prompts) if args.prompts else {}
+        entry = pack_distilled(args.source, corpus, licences)
+        print(f"{args.corpus}: " + (f"added {entry['file']} ({entry['records']} records, {entry['answer_tokens']} answer tokens)"
+                                     if entry else "nothing new to add"))
+    print(json.dumps(Corpus.open(args.corpus).summary(), indent=1))
+
+
+def _licences(prompts_file: str) -> dict[str, str]:
+    """Source -> licence, as the training-prompt file states them."""
+    from .jsonl import read_jsonl
+    return {rec["source"]: rec["license"] for _, rec in read_jsonl(prompts_file, on_error="skip")
+            if isinstance(rec.get("source"), str) and isinstance(rec.get("license"), str)}
 
 
 def cmd_draft_vocab(args) -> None:
@@ -181,7 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=0, help="0: 32 on CPU, 384 on GPU")
     p.add_argument("--limit", type=int, default=0, help="at most N new prompts this run")
+    p.add_argument("--corpus", default=None, help="also pack finished answers into this corpus folder (e.g. corpus/smollm2-135m)")
+    p.add_argument("--shard-records", type=int, default=2000, help="records per corpus shard")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("corpus", help="the committed training corpus: add a distillation folder's answers, or show it")
+    p.add_argument("action", choices=["add", "info"])
+    p.add_argument("--corpus", required=True, help="corpus folder (e.g. corpus/smollm2-135m)")
+    p.add_argument("--from", dest="source", help="distillation folder to pack (with add)")
+    p.add_argument("--prompts", default=None, help="the training-prompt JSONL it was made from (for the licences)")
+    p.set_defaults(func=cmd_corpus)
 
     p = sub.add_parser("train-heads", help="train draft heads on distillation data")
     _model_args(p)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..corpus import Corpus, CorpusRecord
 from ..errors import BlockdraftError
 from ..jsonl import read_jsonl
 from ..models import LoadedModel, model_fingerprint
@@ -39,6 +40,8 @@ class DistillConfig:
     max_prompt_tokens: int = 1024  # longer prompts are skipped (they dominate padding cost)
     batch_size: int = 0  # 0: 32 on CPU (126 answer tokens/s here, 76 with 16), 384 on a GPU
     limit: int = 0  # at most this many new prompts this run (0: all)
+    corpus: str = ""  # also pack finished answers into this corpus folder (see corpus.py)
+    shard_records: int = 2000  # records per corpus shard
 
 
 def _validate_prompt(record: dict) -> str | None:
@@ -54,7 +57,7 @@ def _check_meta(out: Path, meta: dict) -> None:
     path = out / META_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        keys = ("model_fingerprint", "max_new_tokens")
+        keys = ("model_fingerprint", "max_new_tokens") + (("dtype",) if "dtype" in old else ())
         if any(old.get(k) != meta[k] for k in keys):
             raise BlockdraftError(
                 f"{out} already holds another distillation run ({', '.join(f'{k}={old.get(k)}' for k in keys)}); "
@@ -72,10 +75,15 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
     out = Path(out)
     meta = {"model": loaded.name, "model_fingerprint": model_fingerprint(loaded.model),
             "max_new_tokens": cfg.max_new_tokens, "prompts": str(prompts_file),
-            "vocab_size": loaded.model.get_output_embeddings().weight.shape[0]}
+            "vocab_size": loaded.model.get_output_embeddings().weight.shape[0],
+            "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+            "max_prompt_tokens": cfg.max_prompt_tokens}
+    corpus = Corpus.create_or_open(cfg.corpus, corpus_identity(meta)) if cfg.corpus else None
     _check_meta(out, meta)
     data = out / DATA_FILE
     done = {rec["id"] for _, rec in read_jsonl(data, on_error="skip")} if data.exists() else set()
+    if corpus is not None:
+        done |= corpus.record_ids()
     tok = loaded.tokenizer
     todo = []
     for _, rec in read_jsonl(prompts_file, _validate_prompt, on_error="skip"):
@@ -91,7 +99,7 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
     window = batch * 8  # sort by length inside windows: little padding, yet the file order (mix) is kept
     todo = [item for w in range(0, len(todo), window) for item in sorted(todo[w:w + window], key=lambda it: len(it[1]))]
     eos = _stop_ids(loaded)
-    new_tokens, start = 0, time.time()
+    new_tokens, pending, start = 0, 0, time.time()
     row_bytes = 2 * loaded.model.config.hidden_size
     _drop_partial_row(out / HIDDEN_FILE, row_bytes)
     with data.open("a", encoding="utf-8") as sink, (out / HIDDEN_FILE).open("ab") as states, \
@@ -106,14 +114,52 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
             states.flush()  # rows before records: a record never names rows that are not on disk
             for (rec, ids), answer, hidden_row in zip(chunk, answers, first_rows):
                 row = {"id": rec["id"], "source": rec.get("source", ""), "domain": rec.get("domain", ""),
-                       "prompt_ids": ids, "answer_ids": answer, "hidden_row": hidden_row,
+                       "license": rec.get("license", ""), "prompt_ids": ids, "answer_ids": answer, "hidden_row": hidden_row,
                        "text": tok.decode(answer, skip_special_tokens=True)}
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 new_tokens += len(answer)
             sink.flush()
+            pending += len(chunk)
+            if corpus is not None and pending >= cfg.shard_records:
+                pack_distilled(out, corpus)
+                pending = 0
             bar.update(len(chunk))
             bar.set_postfix(tok_s=f"{new_tokens / (time.time() - start):.0f}", tokens=new_tokens)
+    if corpus is not None:
+        pack_distilled(out, corpus)
     return data
+
+
+def corpus_identity(meta: dict) -> dict:
+    """What a corpus records about the run that made it (and refuses to mix with other runs)."""
+    return {"model": meta["model"], "model_fingerprint": meta["model_fingerprint"],
+            "dtype": meta.get("dtype", "float32"), "vocab_size": meta["vocab_size"],
+            "generation": {"decoding": "greedy", "turn": "first user turn, chat template",
+                           "stop": "first end-of-turn token", "max_new_tokens": meta["max_new_tokens"],
+                           "max_prompt_tokens": meta.get("max_prompt_tokens", DistillConfig.max_prompt_tokens)}}
+
+
+def pack_distilled(data_dir: str | Path, corpus: Corpus, licences: dict[str, str] | None = None) -> dict | None:
+    """Append a distillation folder's records that the corpus lacks as one new shard."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / META_FILE
+    if not meta_path.is_file():
+        raise BlockdraftError(f"{data_dir} is not a distillation folder (no {META_FILE})")
+    meta = json.loads(meta_path.read_text())
+    corpus.check_identity(corpus_identity(meta))
+    licences = dict(licences or {})
+    records = []
+    for _, rec in read_jsonl(data_dir / DATA_FILE, _validate_record, on_error="skip"):
+        if rec.get("license"):
+            licences.setdefault(rec.get("source", ""), rec["license"])
+        records.append(CorpusRecord(rec["id"], rec.get("domain", ""), rec.get("source", ""),
+                                    np.asarray(rec["prompt_ids"]), np.asarray(rec["answer_ids"])))
+    return corpus.append(records, licences)
+
+
+def _validate_record(rec: dict) -> str | None:
+    ok = isinstance(rec.get("id"), str) and isinstance(rec.get("prompt_ids"), list) and isinstance(rec.get("answer_ids"), list)
+    return None if ok else "missing 'id', 'prompt_ids' or 'answer_ids'"
 
 
 def _stop_ids(loaded: LoadedModel) -> set[int]:

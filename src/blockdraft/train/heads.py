@@ -13,6 +13,7 @@ misses in the held-out accuracy. Steps run under bfloat16 autocast (1.4x faster 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -27,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..corpus import MANIFEST as CORPUS_MANIFEST, Corpus
 from ..errors import BlockdraftError
 from ..heads import DraftHeads, HeadsConfig, following_ids
 from ..jsonl import read_jsonl
-from ..models import LoadedModel, model_fingerprint
+from ..models import LoadedModel, cache_root, model_fingerprint
 from .distill import DATA_FILE, META_FILE, kept_hidden
 from .schedule import StepPlan
 
@@ -92,7 +94,17 @@ class Sequence(NamedTuple):
 
 
 def load_sequences(data_dir: Path) -> tuple[list[Sequence], dict]:
-    """The distilled records (prompt + answer ids, prompt length, source, kept-state row) and the meta."""
+    """The distilled records (prompt + answer ids, prompt length, source, kept-state row) and the meta.
+
+    `data_dir` is a distillation folder or a corpus folder (corpus.py: ids only, no kept states).
+    """
+    if (Path(data_dir) / CORPUS_MANIFEST).exists():
+        corpus = Corpus.open(data_dir)
+        seqs = [Sequence(r.prompt_ids.tolist() + r.answer_ids.tolist(), len(r.prompt_ids), r.source)
+                for r in corpus.records() if len(r.answer_ids)]
+        if not seqs:
+            raise BlockdraftError(f"corpus {data_dir} holds no records yet")
+        return seqs, corpus.manifest
     meta_path = Path(data_dir) / META_FILE
     if not meta_path.exists():
         raise BlockdraftError(f"{data_dir} is not a distillation folder (no {META_FILE}); run `blockdraft distill`")
@@ -155,7 +167,7 @@ def hidden_states(loaded: LoadedModel, seqs: list[Sequence], data_dir: Path, bat
     have = [kept is not None and 0 <= row and row + span <= len(kept) for row, span in zip(rows, spans)]
     if all(have):
         return torch.from_numpy(np.concatenate([kept[row:row + span] for row, span in zip(rows, spans)]))
-    cache = Path(data_dir) / f"hidden-{model_fingerprint(loaded.model)}-bf16.f16"
+    cache = _feature_cache(Path(data_dir), model_fingerprint(loaded.model))
     if cache.exists() and cache.stat().st_size == total * size * 2:
         return torch.from_numpy(np.fromfile(cache, dtype=np.float16).reshape(total, size))
     out = torch.empty((total, size), dtype=torch.float16)
@@ -184,6 +196,16 @@ def hidden_states(loaded: LoadedModel, seqs: list[Sequence], data_dir: Path, bat
     cache.parent.mkdir(parents=True, exist_ok=True)
     out.numpy().tofile(cache)
     return out
+
+
+def _feature_cache(data_dir: Path, fingerprint: str) -> Path:
+    """Where recomputed states are kept: beside a distillation run, outside a (committed) corpus."""
+    name = f"hidden-{fingerprint}-bf16.f16"
+    manifest = data_dir / CORPUS_MANIFEST
+    if manifest.exists():
+        key = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+        return cache_root() / "features" / f"corpus-{key}" / name
+    return data_dir / name
 
 
 def following_tokens(seqs: list, num_heads: int) -> torch.Tensor:
