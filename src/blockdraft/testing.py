@@ -4,6 +4,8 @@ Importable by users who want to test their own drafters against the losslessness
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .heads import DraftHeads, HeadsConfig
@@ -140,3 +142,33 @@ def tiny_decoder(seed: int = 0, num_heads: int = 3):
     model = tiny_llama(seed)
     return Decoder(LoadedModel(model, tiny_tokenizer(model.config.vocab_size), "tiny"),
                    random_heads(model, num_heads, seed), None)
+
+
+def chi_square_pvalue(counts: dict, probs: dict, min_expected: float = 5.0) -> tuple[float, int, float]:
+    """Pearson's goodness-of-fit test of observed `counts` against the exact `probs` (same keys).
+
+    Cells expected fewer than `min_expected` times are pooled into one cell (the chi-square
+    approximation needs about 5 per cell). Returns (statistic, degrees of freedom, p-value); a
+    correct sampler gets a p-value below alpha with probability alpha.
+    """
+    n = sum(counts.values())
+    if any(c and not probs.get(k, 0.0) for k, c in counts.items()):
+        return math.inf, 1, 0.0  # an outcome the target never produces
+    big = [k for k, p in probs.items() if p * n >= min_expected]
+    observed = [counts.get(k, 0) for k in big]
+    expected = [probs[k] * n for k in big]
+    rest = n - sum(observed), n - sum(expected)
+    if rest[1] > 1e-9 * n:
+        observed.append(rest[0])
+        expected.append(rest[1])
+    stat = sum((o - e) ** 2 / e for o, e in zip(observed, expected))
+    df = max(len(observed) - 1, 1)
+    pvalue = float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                           torch.tensor(stat / 2, dtype=torch.float64)))
+    return stat, df, pvalue
+
+
+def total_variation(counts: dict, probs: dict) -> float:
+    """Half the L1 distance between the empirical distribution of `counts` and `probs`."""
+    n = sum(counts.values())
+    return 0.5 * sum(abs(counts.get(k, 0) / n - probs.get(k, 0.0)) for k in set(counts) | set(probs))

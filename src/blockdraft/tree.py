@@ -34,6 +34,13 @@ class TokenTree:
             kids[self.parents[node]].setdefault(self.tokens[node], node)
         return kids
 
+    def child_nodes(self) -> list[list[int]]:
+        """child_nodes[node] -> its children in node order, repeated tokens included (sampling tries each)."""
+        kids: list[list[int]] = [[] for _ in self.tokens]
+        for node in range(1, self.size):
+            kids[self.parents[node]].append(node)
+        return kids
+
     def ancestor_mask(self) -> torch.Tensor:
         """[N, N] bool: mask[i, j] is True when node j is node i or one of its ancestors."""
         n = self.size
