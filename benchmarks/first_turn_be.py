@@ -25,7 +25,7 @@ import torch
 
 def run(methods: list[str], out: Path, max_minutes: float, max_new_tokens: int, threads: int, heads: str) -> None:
     import blockdraft
-    from blockdraft.bench.datasets import load_questions
+    from blockdraft.bench.datasets import domain_of, load_questions
     from blockdraft.bench.runner import round_robin
 
     torch.set_num_threads(threads)
@@ -39,7 +39,7 @@ def run(methods: list[str], out: Path, max_minutes: float, max_new_tokens: int, 
             for method in methods:
                 if (q["question_id"], method) in done:
                     continue
-                r = dec.generate(q["turns"][0], method=method, max_new_tokens=max_new_tokens, category=q["category"])
+                r = dec.generate(q["turns"][0], method=method, max_new_tokens=max_new_tokens, domain=domain_of(q["category"]))
                 sink.write(json.dumps({"question_id": q["question_id"], "category": q["category"], "method": method,
                                        "ids": r.ids, "new_tokens": r.new_tokens, "steps": r.steps,
                                        "seconds": round(r.seconds, 4)}) + "\n")

@@ -3,6 +3,10 @@ import torch
 
 from blockdraft.testing import tiny_llama
 
+# The tests check equality of ids, never speed: one thread keeps the tiny models' many small
+# products from spinning against each other on a shared, busy machine (10x faster there).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_models():

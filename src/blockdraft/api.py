@@ -11,13 +11,15 @@ from pathlib import Path
 
 import torch
 
+from .drafting import Drafter
 from .engine import DecodeConfig, generate
 from .errors import BlockdraftError
 from .feature_head import FeatureHead
 from .heads import DraftHeads, load_heads
-from .methods import resolve
+from .methods import MethodSpec, Parts, build, settle, to_spec
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .prompting import encode_chat
+from .refine.base import Refiner
 from .target import TargetModel
 from .types import DecodeResult
 
@@ -39,11 +41,9 @@ def shipped_refiner(model: str, name: str) -> Path | None:
 class Decoder:
     """A loaded target model plus its drafting parts; one generate() call per prompt."""
 
-    def __init__(self, loaded: LoadedModel, heads: DraftHeads | FeatureHead | None, heads_path: str | None, topk: int = 1):
-        self.loaded, self.heads, self.heads_path, self.topk = loaded, heads, heads_path, topk
+    def __init__(self, loaded: LoadedModel, heads: DraftHeads | FeatureHead | None, heads_path: str | None):
+        self.loaded, self.heads, self.heads_path = loaded, heads, heads_path
         self.target = TargetModel(loaded.model)
-        self.record = False  # keep lattices and drafts per step (analysis)
-        self.category: str | None = None  # benchmark category of the current prompt (picks tuned alpha)
         self.ngram_path = shipped_refiner(loaded.name, "ngram.npz")
         self.rescorer_path = shipped_refiner(loaded.name, "rescorer")
         self._ngram = self._rescorer = self._cost = None
@@ -103,6 +103,24 @@ class Decoder:
             raise BlockdraftError(f"{purpose} needs BPD draft heads (`blockdraft train-heads`), not a feature head: pass --heads")
         return heads
 
+    def spec(self, method: str | MethodSpec) -> MethodSpec:
+        """The concrete spec of a method name or spec for what this decoder has loaded (see methods.settle)."""
+        return settle(to_spec(method), self.heads is not None, self.ngram_path is not None)
+
+    def parts(self, spec: MethodSpec) -> Parts:
+        """The parts a spec needs, loaded once each; a missing one is a one-line error."""
+        needs = spec.needs
+        return Parts(self.target.lm_head, heads=self.require_heads() if "heads" in needs else None,
+                     ngram=self.ngram() if "ngram" in needs else None,
+                     rescorer=self.rescorer() if "rescorer" in needs else None,
+                     cost=self.cost_curve() if "cost" in needs else None)
+
+    def build(self, method: str | MethodSpec = "fast", record: bool = False,
+              domain: str | None = None) -> tuple[Drafter, Refiner]:
+        """A fresh drafter and refiner for one generation (blockdraft.methods.build)."""
+        spec = self.spec(method)
+        return build(spec, self.parts(spec), record=record, domain=domain)
+
     def stop_ids(self) -> tuple[int, ...]:
         eos = self.loaded.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
@@ -114,17 +132,21 @@ class Decoder:
         turns = [prompt] if isinstance(prompt, str) else list(prompt)
         return encode_chat(self.tokenizer, turns, answers, raw=raw)
 
-    def generate(self, prompt: str | list[str] | None = None, *, ids: list[int] | None = None, method: str = "fast",
-                 max_new_tokens: int = 128, raw: bool = False, stop: tuple[str, ...] = (),
-                 answers: list[str] | None = None, on_text=None, record: bool = False,
-                 category: str | None = None) -> DecodeResult:
-        """Greedy generation; `method` names a drafter + refiner (see blockdraft.methods)."""
+    def generate(self, prompt: str | list[str] | None = None, *, ids: list[int] | None = None,
+                 method: str | MethodSpec = "fast", max_new_tokens: int = 128, raw: bool = False,
+                 stop: tuple[str, ...] = (), answers: list[str] | None = None, on_text=None, record: bool = False,
+                 domain: str | None = None) -> DecodeResult:
+        """Greedy generation; `method` names a drafter + refiner (see blockdraft.methods).
+
+        record: keep each step's lattice and draft (analysis); domain: the training-prompt domain
+        whose tuned rescoring weight the refiners use (default: their overall one).
+        """
+        spec = self.spec(method)  # a bad name fails before any work
         if ids is None:
             if prompt is None:
                 raise BlockdraftError("give a prompt or ids")
             ids = self.encode(prompt, answers, raw)
-        self.record, self.category = record, category
-        drafter, refiner = resolve(method)(self)
+        drafter, refiner = build(spec, self.parts(spec), record=record, domain=domain)
         cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids(), stop_strings=tuple(stop),
                            record_lattices=record)
         return generate(self.target, drafter, refiner, list(ids), cfg, self.tokenizer,
@@ -147,7 +169,7 @@ def _text_streamer(tokenizer, on_text):
 
 
 def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str = "float32",
-         device: str | None = None, topk: int = 1, onednn: bool = True) -> Decoder:
+         device: str | None = None, onednn: bool = True) -> Decoder:
     """Load a target model and draft heads. heads="default" picks the shipped heads when they exist.
 
     onednn=True runs a CPU float32 model's linear layers through oneDNN (blockdraft.cpu): the
@@ -168,4 +190,4 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     if cpu_fast_path:
         use_onednn_linears(loaded.model)
         attend_with_grouped_kv()
-    return Decoder(loaded, draft_heads, path, topk)
+    return Decoder(loaded, draft_heads, path)

@@ -22,8 +22,10 @@ def _load(args):
 
 def cmd_generate(args) -> None:
     import blockdraft
+    from .methods import parse
 
-    if not args.prompt.strip():  # checked before the model loads: a bad request costs nothing
+    parse(args.method)  # checked before the model loads: a bad request costs nothing
+    if not args.prompt.strip():
         raise BlockdraftError("empty prompt: give some text to continue")
     if args.max_new_tokens <= 0:
         raise BlockdraftError(f"max_new_tokens must be positive, got {args.max_new_tokens}")
@@ -131,7 +133,9 @@ def cmd_analyze(args) -> None:
     import blockdraft
     from .analysis.runner import analyze, parse_topks
     from .bench.datasets import DEFAULT_PROMPTS, load_questions
+    from .methods import parse
 
+    parse(args.method)
     prompts = args.prompts or (DEFAULT_PROMPTS if DEFAULT_PROMPTS.exists() else None)
     if prompts is None:
         raise BlockdraftError("no shipped questions found: pass --prompts FILE.jsonl (Spec-Bench format)")

@@ -1,169 +1,292 @@
-"""Decoding methods by name: each is a drafter + refiner pair built from the loaded parts.
+"""Decoding methods as data: a `MethodSpec` says which drafter and refiner run, with what settings;
+`build` turns a spec and the loaded parts into the (drafter, refiner) pair the engine runs.
 
-Adding a method is one entry in METHODS: a function (Decoder) -> (drafter, refiner).
+Names, one spelling each (`parse` refuses any other in one line, before a model loads):
+
+    ar | lookup | fast                  presets (PRESETS)
+    BASE[-fit][-ctx]                    BASE = bpd | bpd-full | bpd-ngram[-p{P}] | bpd-0gram-p{P} | bpd-neural
+
+`-fit` sizes a heads method's drafts to this machine's cost curve (blockdraft.sizing); `-ctx`
+adds a draft looked up in the context (blockdraft.lookup); in that order. 1 <= P <= P_MAX.
+
+Adding a drafter kind: a function (spec, parts, record) -> Drafter in DRAFTERS, the part it
+reads in NEEDS, and, for a name, an entry in BASES (or a family pattern in `_base`).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from .drafting import Drafter, FeatureDrafter, HeadsDrafter, NoDrafter
-from .feature_head import FeatureHead
 from .errors import BlockdraftError
+from .feature_head import FeatureHead
+from .lookup import ContextLookup
 from .refine.base import ArgmaxRefiner, Refiner
+from .sizing import FittedRefiner
 
 if TYPE_CHECKING:
-    from .api import Decoder
+    import torch
 
-Factory = Callable[["Decoder"], tuple[Drafter, Refiner]]
+    from .heads import DraftHeads
+    from .refine.neural import Rescorer
+    from .refine.ngram import NgramLM
+    from .sizing import CostCurve
 
-
-def _ar(dec: "Decoder") -> tuple[Drafter, Refiner]:
-    return NoDrafter(), ArgmaxRefiner()
-
-
-def _heads_drafter(dec: "Decoder", topk: int, stop_below: float = 0.0) -> HeadsDrafter | FeatureDrafter:
-    """The drafter of the loaded heads: BPD heads, or the context-reading feature head."""
-    heads = dec.require_heads()
-    kind = FeatureDrafter if isinstance(heads, FeatureHead) else HeadsDrafter
-    return kind(heads, dec.target.lm_head, topk=topk, with_entropy=dec.record, stop_below=stop_below)
-
-
-BPD_STOP = 0.05  # bpd ends a draft where the heads give its chain less chance than this (README: "Adaptive draft size")
-
-
-def _bpd(dec: "Decoder") -> tuple[Drafter, Refiner]:
-    """Blockwise parallel decoding, each block only as long as the heads are confident."""
-    return _heads_drafter(dec, dec.topk, BPD_STOP), ArgmaxRefiner()
-
-
-def _bpd_full(dec: "Decoder") -> tuple[Drafter, Refiner]:
-    """The paper's BPD: every head drafts, every step (the highest block efficiency, not the fastest)."""
-    return _heads_drafter(dec, dec.topk), ArgmaxRefiner()
-
-
-def _lookup(dec: "Decoder") -> tuple[Drafter, Refiner]:
-    from .lookup import ContextLookup
-
-    return NoDrafter(), ContextLookup()
-
-
-FAST_PBEST = 4  # drafts per step of the default method before sizing (README: "Choosing a method")
-
-
-def _fast(dec: "Decoder") -> tuple[Drafter, Refiner]:
-    """The default: the best lossless drafts this setup has, sized to this machine's cost curve.
-
-    Heads -> n-gram rescored p-best (the 0-gram baseline without an n-gram LM) -> trimmed to the
-    nodes that pay for their forward time -> plus a draft looked up in the context. Without
-    heads: the context lookup alone.
-    """
-    if dec.heads is None:
-        return _lookup(dec)
-    lm = "ngram" if dec.ngram_path is not None else "0gram"
-    return resolve(f"bpd-{lm}-p{FAST_PBEST}-fit-ctx")(dec)
-
-
-METHODS: dict[str, Factory] = {"ar": _ar, "bpd": _bpd, "bpd-full": _bpd_full, "lookup": _lookup, "fast": _fast}
-
-
-def resolve(name: str) -> Factory:
-    """The factory for a method name, including parameterised families such as bpd-ngram-p16."""
-    if name in METHODS:
-        return METHODS[name]
-    for family in FAMILIES:
-        factory = family(name)
-        if factory is not None:
-            return factory
-    raise BlockdraftError(f"unknown method {name!r}; choose one of {', '.join(available())}")
-
-
-def available() -> list[str]:
-    return list(METHODS) + FAMILY_HELP
-
-
+P_MAX = 64  # drafts per step of a p-best method (a tree of up to P_MAX x heads nodes)
+TOPK_MAX = 64  # candidates per draft position in a lattice
 LATTICE_TOPK = 16  # candidates per head in the refiners' lattice (the paper's k)
-
-
-def _pbest_family(name: str) -> Factory | None:
-    """bpd-ngram, bpd-ngram-p{P} (n-gram rescored p-best) and bpd-0gram-p{P} (head scores only)."""
-    from .refine.lattice import PBestRefiner
-
-    m = re.fullmatch(r"bpd-(ngram|0gram)(?:-p(\d+))?", name)
-    if m is None or (m.group(1) == "0gram" and m.group(2) is None):
-        return None
-    p = int(m.group(2) or 1)
-
-    def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
-        drafter = _heads_drafter(dec, LATTICE_TOPK)
-        if m.group(1) == "0gram":
-            return drafter, PBestRefiner(None, 0.0, p)
-        lm = dec.ngram()
-        return drafter, PBestRefiner(lm, pick_alpha(lm.meta.get("alpha", {}), dec.category), p)
-
-    return build
-
-
-def _neural_family(name: str) -> Factory | None:
-    from .refine.neural import NeuralRefiner
-
-    if name != "bpd-neural":
-        return None
-
-    def build(dec: "Decoder") -> tuple[Drafter, Refiner]:
-        rescorer = dec.rescorer()
-        return _heads_drafter(dec, LATTICE_TOPK), NeuralRefiner(rescorer, pick_alpha(rescorer.alpha, dec.category))
-
-    return build
-
-
-def pick_alpha(table: dict, category: str | None) -> float:
-    """The tuned alpha for a benchmark category (via its training domain), else the default."""
-    domain = CATEGORY_DOMAIN.get(category or "", category)
-    return float(table.get(domain, table.get("default", 1.0)))
-
-
-# Spec-Bench categories -> the training-prompt domain whose held-out prompts tuned alpha.
-CATEGORY_DOMAIN = {"writing": "writing", "roleplay": "roleplay", "reasoning": "chat", "math": "math",
-                   "coding": "coding", "extraction": "rag", "stem": "qa", "humanities": "chat",
-                   "translation": "translation", "summarization": "summarization", "qa": "qa",
-                   "math_reasoning": "math", "rag": "rag"}
-
-
-def _suffix_family(suffix: str, wrap: Callable[["Decoder", Drafter, Refiner], tuple[Drafter, Refiner]]):
-    """A family `{method}{suffix}`: the inner method's drafter and refiner, passed through `wrap`."""
-
-    def family(name: str) -> Factory | None:
-        if not name.endswith(suffix):
-            return None
-        inner = resolve(name[: -len(suffix)])
-        return lambda dec: wrap(dec, *inner(dec))
-
-    return family
-
-
+BPD_STOP = 0.05  # bpd ends a draft where the heads give its chain less chance than this (README: "Adaptive draft size")
 # Sized drafts skip the heads past this chance of the argmax chain (the likeliest path under the
 # head scores): no node that unlikely pays for its forward time here (cost(2)/cost(1) ~ 1.1).
 FIT_STOP = 0.02
+FIT_TOPK = 4  # sizing reads the probabilities of the drafted tokens from the lattice: at least this wide
+FAST_PBEST = 4  # drafts per step of the default method before sizing (README: "Choosing a method")
 
 
-def _fitted(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter, Refiner]:
-    """{method}-fit: any heads method with its drafts sized to the measured cost curve."""
-    from .sizing import FittedRefiner
+@dataclass(frozen=True)
+class MethodSpec:
+    """One decoding method. Invalid combinations are refused in one line when the spec is made."""
 
-    if isinstance(drafter, (HeadsDrafter, FeatureDrafter)):
-        drafter.topk = max(drafter.topk, 4)  # probabilities of the drafted tokens
-        drafter.stop_below = max(drafter.stop_below, FIT_STOP)
-    return drafter, FittedRefiner(refiner, dec.cost_curve())
+    drafter: str = "none"  # "none" (plain decoding: no lattice) or "heads" (the loaded draft heads); see DRAFTERS
+    topk: int = 1  # candidates per draft position in the lattice
+    stop: float = 0.0  # end a draft where the heads' chance of its argmax chain falls below this (0: never)
+    refiner: str = "argmax"  # "argmax" (each head's top-1), "pbest" (p best lattice paths) or "neural"
+    p: int = 1  # drafts per step ("pbest")
+    alpha: float | None = None  # rescoring weight; None: the tuned one for the prompt's domain; "pbest" with 0: no n-gram LM
+    fit: bool = False  # trim the drafts to the nodes that pay for their forward time on this machine
+    context: bool = False  # add a draft looked up in the context
+    best_effort: bool = False  # use what is loaded: no n-gram LM -> alpha 0, no heads -> the context lookup alone
+
+    def __post_init__(self) -> None:
+        problem = _problem(self)
+        if problem:
+            raise BlockdraftError(f"invalid method: {problem}")
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The loaded parts `build` reads: "heads", "ngram", "rescorer", "cost"."""
+        needs = set(NEEDS.get(self.drafter, ()))
+        if self.refiner == "pbest" and self.alpha != 0:
+            needs.add("ngram")
+        if self.refiner == "neural":
+            needs.add("rescorer")
+        if self.fit:
+            needs.add("cost")
+        return frozenset(needs)
+
+    @property
+    def name(self) -> str:
+        """The canonical name of this spec, or a description where no name spells it."""
+        for candidate in _names_for(self):
+            if parse(candidate) == self:
+                return candidate
+        fields = (f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                  if getattr(self, f.name) != f.default)
+        return f"MethodSpec({', '.join(fields)})"
 
 
-def _with_context(dec: "Decoder", drafter: Drafter, refiner: Refiner) -> tuple[Drafter, Refiner]:
-    """{method}-ctx: any method's drafts plus a draft looked up in the context (blockdraft.lookup)."""
-    from .lookup import ContextLookup
+def _problem(spec: MethodSpec) -> str:
+    """What makes a spec invalid ("" when nothing)."""
+    if spec.drafter not in DRAFTERS:
+        return f"unknown drafter {spec.drafter!r}; choose one of {', '.join(DRAFTERS)}"
+    if spec.refiner not in REFINERS:
+        return f"unknown refiner {spec.refiner!r}; choose one of {', '.join(REFINERS)}"
+    if not 1 <= spec.topk <= TOPK_MAX:
+        return f"top-k must be between 1 and {TOPK_MAX}, got {spec.topk}"
+    if not 1 <= spec.p <= P_MAX:
+        return f"p must be between 1 and {P_MAX}, got {spec.p}"
+    if spec.p != 1 and spec.refiner != "pbest":
+        return "p (drafts per step) needs the pbest refiner"
+    if not 0.0 <= spec.stop <= 1.0:
+        return f"stop threshold must be between 0 and 1, got {spec.stop}"
+    if spec.alpha is not None and not spec.alpha >= 0:
+        return f"alpha must be >= 0, got {spec.alpha}"
+    if spec.drafter == "none" and spec.refiner != "argmax":
+        return f"the {spec.refiner} refiner reads a lattice: it needs a drafter"
+    if spec.drafter == "none" and spec.fit:
+        return "-fit sizes drafted blocks by their probabilities: it needs a drafter (ar and lookup have none)"
+    return ""
 
-    return drafter, ContextLookup(refiner)
+
+# ---------------------------------------------------------------------------------------------
+# Building
 
 
-FAMILIES: list[Callable[[str], Factory | None]] = [_pbest_family, _neural_family, _suffix_family("-ctx", _with_context),
-                                                   _suffix_family("-fit", _fitted)]
-FAMILY_HELP: list[str] = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural", "{method}-fit", "{method}-ctx"]
+@dataclass(frozen=True)
+class Parts:
+    """The loaded parts builders read (None where the spec does not need them)."""
+
+    lm_head: "torch.nn.Module"  # the target's output projection (drafters project through it)
+    heads: "DraftHeads | FeatureHead | None" = None
+    ngram: "NgramLM | None" = None
+    rescorer: "Rescorer | None" = None
+    cost: "CostCurve | None" = None
+
+    def require(self, part: str):
+        value = getattr(self, part)
+        if value is None:
+            raise BlockdraftError(f"this method needs {part}, which is not loaded")
+        return value
+
+
+def build(spec: MethodSpec, parts: Parts, record: bool = False, domain: str | None = None) -> tuple[Drafter, Refiner]:
+    """A fresh (drafter, refiner) pair for one generation; reads `parts` and changes nothing in them.
+
+    record: drafters add each head's entropy to the lattice (analysis); domain: the prompt's
+    training domain, which picks the tuned alpha of a rescoring refiner.
+    """
+    if spec.best_effort:
+        spec = settle(spec, parts.heads is not None, parts.ngram is not None)
+    drafter = DRAFTERS[spec.drafter](spec, parts, record)
+    refiner = REFINERS[spec.refiner](spec, parts, domain)
+    if spec.fit:
+        refiner = FittedRefiner(refiner, parts.require("cost"))
+    if spec.context:
+        refiner = ContextLookup(refiner)
+    return drafter, refiner
+
+
+def _no_drafter(spec: MethodSpec, parts: Parts, record: bool) -> Drafter:
+    return NoDrafter()
+
+
+def _heads_drafter(spec: MethodSpec, parts: Parts, record: bool) -> Drafter:
+    """The loaded heads: BPD heads, or the context-reading feature head."""
+    heads = parts.require("heads")
+    kind = FeatureDrafter if isinstance(heads, FeatureHead) else HeadsDrafter
+    return kind(heads, parts.lm_head, topk=spec.topk, with_entropy=record, stop_below=spec.stop)
+
+
+def _argmax(spec: MethodSpec, parts: Parts, domain: str | None) -> Refiner:
+    return ArgmaxRefiner()
+
+
+def _pbest(spec: MethodSpec, parts: Parts, domain: str | None) -> Refiner:
+    from .refine.lattice import PBestRefiner
+
+    if spec.alpha == 0:
+        return PBestRefiner(None, 0.0, spec.p)
+    lm = parts.require("ngram")
+    alpha = spec.alpha if spec.alpha is not None else pick_alpha(lm.meta.get("alpha", {}), domain)
+    return PBestRefiner(lm, alpha, spec.p)
+
+
+def _neural(spec: MethodSpec, parts: Parts, domain: str | None) -> Refiner:
+    from .refine.neural import NeuralRefiner
+
+    rescorer = parts.require("rescorer")
+    return NeuralRefiner(rescorer, spec.alpha if spec.alpha is not None else pick_alpha(rescorer.alpha, domain))
+
+
+def pick_alpha(table: dict, domain: str | None) -> float:
+    """The tuned alpha for a training-prompt domain, else the table's default (1.0 without one)."""
+    return float(table.get(domain or "", table.get("default", 1.0)))
+
+
+DRAFTERS: dict[str, Callable[[MethodSpec, Parts, bool], Drafter]] = {"none": _no_drafter, "heads": _heads_drafter}
+NEEDS: dict[str, tuple[str, ...]] = {"none": (), "heads": ("heads",)}  # the parts each drafter reads
+REFINERS: dict[str, Callable[[MethodSpec, Parts, str | None], Refiner]] = {
+    "argmax": _argmax, "pbest": _pbest, "neural": _neural}
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+PRESETS: dict[str, MethodSpec] = {
+    "ar": MethodSpec(),
+    "bpd": MethodSpec(drafter="heads", stop=BPD_STOP),
+    "bpd-full": MethodSpec(drafter="heads"),  # the paper's BPD: every head drafts, every step
+    "lookup": MethodSpec(context=True),
+    # The default: heads -> n-gram rescored p-best (head scores alone without an n-gram LM) ->
+    # trimmed to the nodes that pay for their forward time -> plus a context lookup draft.
+    "fast": MethodSpec(drafter="heads", topk=LATTICE_TOPK, stop=FIT_STOP, refiner="pbest", p=FAST_PBEST,
+                       fit=True, context=True, best_effort=True),
+}
+# The heads methods that take -fit and -ctx (families with a p are parsed in `_base`).
+BASES: dict[str, MethodSpec] = {
+    "bpd": PRESETS["bpd"],
+    "bpd-full": PRESETS["bpd-full"],
+    "bpd-neural": MethodSpec(drafter="heads", topk=LATTICE_TOPK, refiner="neural"),
+}
+FAMILY_HELP = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural", "{method}-fit", "{method}-ctx",
+               "{method}-fit-ctx"]
+MAX_NAME = 120  # longer names are refused before parsing
+
+
+def available() -> list[str]:
+    """Method names for help texts: the presets, then the families."""
+    return list(PRESETS) + FAMILY_HELP
+
+
+def parse(name: str) -> MethodSpec:
+    """The spec of a method name; anything but the canonical spelling is a one-line BlockdraftError.
+
+    >>> parse("bpd-0gram-p4-fit-ctx").p, parse("bpd-0gram-p4-fit-ctx").context
+    (4, True)
+    """
+    if not isinstance(name, str):
+        raise BlockdraftError(f"a method is a name such as 'fast' or 'bpd', got {type(name).__name__}")
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    if len(name) > MAX_NAME:
+        raise BlockdraftError(f"unknown method {shown!r}: names are at most {MAX_NAME} characters")
+    if name in PRESETS:
+        return PRESETS[name]
+    rest, fit, context = name, False, False
+    if rest.endswith("-ctx"):
+        rest, context = rest[: -len("-ctx")], True
+    if rest.endswith("-fit"):
+        rest, fit = rest[: -len("-fit")], True
+    for suffix in ("-ctx", "-fit"):
+        if f"{suffix}-" in rest + "-":
+            raise BlockdraftError(f"unknown method {shown!r}: write the base method, then at most one -fit, then at "
+                                  "most one -ctx (e.g. bpd-ngram-p4-fit-ctx)")
+    if rest in ("ar", "lookup", "fast"):
+        hint = {"ar": "ar has no drafts to size; for context drafts use lookup", "lookup": "lookup takes no suffix",
+                "fast": "fast already sizes its drafts and looks up the context"}[rest]
+        raise BlockdraftError(f"unknown method {shown!r}: {hint}")
+    base = _base(rest, shown)
+    if fit:
+        base = dataclasses.replace(base, topk=max(base.topk, FIT_TOPK), stop=max(base.stop, FIT_STOP), fit=True)
+    return dataclasses.replace(base, context=context) if context else base
+
+
+def _base(rest: str, shown: str) -> MethodSpec:
+    if rest in BASES:
+        return BASES[rest]
+    m = re.fullmatch(r"bpd-(ngram|0gram)(?:-p(\d+))?", rest)
+    if m is None:
+        raise BlockdraftError(f"unknown method {shown!r}; choose one of {', '.join(available())}")
+    lm, digits = m.groups()
+    if digits is None and lm == "0gram":
+        raise BlockdraftError(f"unknown method {shown!r}: bpd-0gram needs its drafts per step, e.g. bpd-0gram-p4")
+    if digits is not None and (digits != str(int(digits)) or not 1 <= int(digits) <= P_MAX):
+        raise BlockdraftError(f"unknown method {shown!r}: p is a whole number from 1 to {P_MAX} (e.g. -p4)")
+    return MethodSpec(drafter="heads", topk=LATTICE_TOPK, refiner="pbest", p=int(digits or 1),
+                      alpha=0.0 if lm == "0gram" else None)
+
+
+def _names_for(spec: MethodSpec) -> list[str]:
+    """Names that may spell `spec` (parse decides)."""
+    names = list(PRESETS)
+    bases = list(BASES) + ["bpd-ngram" if spec.p == 1 else f"bpd-ngram-p{spec.p}", f"bpd-0gram-p{spec.p}"]
+    for base in bases:
+        names += [base, f"{base}-fit", f"{base}-ctx", f"{base}-fit-ctx"]
+    return names
+
+
+def settle(spec: MethodSpec, heads: bool, ngram: bool) -> MethodSpec:
+    """A best-effort spec (fast) made concrete for what is loaded: without heads the context lookup
+    alone, without an n-gram LM the head scores alone. Other specs are returned as they are."""
+    if not spec.best_effort:
+        return spec
+    if not heads:
+        return PRESETS["lookup"]
+    return dataclasses.replace(spec, best_effort=False, alpha=spec.alpha if ngram else 0.0)
+
+
+def to_spec(method: str | MethodSpec) -> MethodSpec:
+    """A spec from a name or a spec."""
+    return method if isinstance(method, MethodSpec) else parse(method)

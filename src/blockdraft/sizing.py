@@ -121,7 +121,9 @@ class FittedRefiner:
     def __init__(self, inner, cost: CostCurve):
         self.inner, self.cost = inner, cost
 
-    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
+    def refine(self, lattice: Lattice | None, context: list[int]) -> list[list[int]]:
+        if lattice is None:  # no head scores to size by (the drafter stopped before its first head)
+            return []
         return fit_drafts(self.inner.refine(lattice, context), lattice, self.cost)
 
     def accept(self, context: list[int]) -> None:

@@ -11,6 +11,7 @@ chain BPD's block efficiency step for step.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -21,9 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..bench.datasets import MT_BENCH, group_of
+from ..bench.datasets import MT_BENCH, domain_of, group_of
 from ..errors import BlockdraftError
 from ..heads import following_ids
+from ..methods import MethodSpec
 from .metrics import (accepted_length, draft_targets, h_max, head_entropy_summary, oracle_bound_steps, oracle_walk,
                       pearson_r, repetition_of_drafts, run_lengths, topk_accuracy, topk_hits)
 
@@ -121,13 +123,13 @@ def oracle_match(topk_tokens: np.ndarray, out: Sequence[int], k: int) -> np.ndar
     return match
 
 
-def _run_question(decoder, question: dict, ks: tuple[int, ...], max_new_tokens: int, method: str) -> _Run:
+def _run_question(decoder, question: dict, ks: tuple[int, ...], max_new_tokens: int, method: MethodSpec) -> _Run:
     """Decode one question's first turn with recording on, then add the teacher-forced oracle."""
     qid = question.get("question_id")
     prompt = decoder.encode(question["turns"][0])
     try:
         result = decoder.generate(ids=prompt, method=method, record=True, max_new_tokens=max_new_tokens,
-                                  category=question["category"])  # category: per-category tuned refiners
+                                  domain=domain_of(question["category"]))  # per-domain tuned refiners
     except BlockdraftError as exc:
         raise BlockdraftError(f"question {qid!r}: {exc}") from None
     out, num_heads = result.ids, decoder.require_heads().num_heads
@@ -239,12 +241,11 @@ def analyze(decoder, questions: list[dict], topks: Sequence[int] = (2, 4, 8, 16)
     from tqdm import tqdm
 
     ks = _check(decoder, questions, topks, max_new_tokens)
-    saved, decoder.topk = decoder.topk, max(ks)
-    try:
-        runs = [_run_question(decoder, q, ks, max_new_tokens, method)
-                for q in tqdm(questions, desc=f"analyze {method}", unit="q", disable=not progress)]
-    finally:
-        decoder.topk = saved
+    spec = decoder.spec(method)
+    if spec.drafter != "none" and spec.refiner == "argmax":  # the same drafts, with every k of the lattice recorded
+        spec = dataclasses.replace(spec, topk=max(spec.topk, max(ks)))
+    runs = [_run_question(decoder, q, ks, max_new_tokens, spec)
+            for q in tqdm(questions, desc=f"analyze {method}", unit="q", disable=not progress)]
     by_cat: dict[str, list[_Run]] = {}
     for r in runs:
         by_cat.setdefault(r.category, []).append(r)

@@ -34,12 +34,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     import blockdraft
+    from ..methods import parse
 
+    names = _names(args.methods) or []
+    for name in names:  # a bad name fails before the model loads
+        if name not in RUNNERS:
+            parse(name)
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = load_questions(args.prompts, _names(args.categories), args.per_category, args.limit)
     dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
-    results = run_bench(dec, questions, _names(args.methods) or [], args.max_new_tokens, args.out,
+    results = run_bench(dec, questions, names, args.max_new_tokens, args.out,
                         argv=_command(args), resume=args.resume, max_minutes=args.max_minutes)
     for name, entry in results["methods"].items():
         o = entry["overall"]

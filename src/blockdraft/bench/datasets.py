@@ -15,6 +15,19 @@ MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", 
 GROUPS = {"mt_bench": MT_BENCH}  # report-level groups of fine categories
 
 
+# Spec-Bench categories -> the training-prompt domain whose held-out prompts tuned the refiners'
+# rescoring weight (alpha): Decoder.generate(domain=...) picks that alpha.
+CATEGORY_DOMAIN = {"writing": "writing", "roleplay": "roleplay", "reasoning": "chat", "math": "math",
+                   "coding": "coding", "extraction": "rag", "stem": "qa", "humanities": "chat",
+                   "translation": "translation", "summarization": "summarization", "qa": "qa",
+                   "math_reasoning": "math", "rag": "rag"}
+
+
+def domain_of(category: str | None) -> str | None:
+    """The training domain of a Spec-Bench category (an unknown category names its own domain)."""
+    return CATEGORY_DOMAIN.get(category, category) if category else None
+
+
 def group_of(category: str) -> str:
     """The report category: the group a fine category belongs to, else the category itself."""
     return next((name for name, members in GROUPS.items() if category in members), category)

@@ -32,7 +32,6 @@ import torch
 from ..api import Decoder
 from ..cpu import cpu_model
 from ..errors import BlockdraftError
-from ..methods import resolve
 from ..models import gguf_file
 from ..types import DecodeResult
 from . import report
@@ -137,7 +136,7 @@ def _cut(ids: list[int], stop: tuple[int, ...]) -> list[int]:
 
 def _engine(decoder: Decoder, name: str) -> TurnFn:
     """Our engine with any method blockdraft.methods knows (ar, bpd, bpd-ngram-p16, ...)."""
-    resolve(name)(decoder)  # fail before the run: unknown name, missing heads or resources
+    decoder.build(name)  # fail before the run: unknown name, missing heads or resources
 
     def run(ids: list[int], max_new_tokens: int) -> Turn:
         result = decoder.generate(ids=ids, method=name, max_new_tokens=max_new_tokens)
@@ -359,7 +358,7 @@ def added_memory(decoder: Decoder, name: str, peak_tree_nodes: int | None) -> di
     """Weights of the method's heads and refiners plus its peak draft-tree KV cache, in MB."""
     model = decoder.loaded.model
     exclude = {id(t) if t.is_mkldnn else t.data_ptr() for t in chain(model.parameters(), model.buffers())}
-    parts = () if name in RUNNERS else resolve(name)(decoder)
+    parts = () if name in RUNNERS else decoder.build(name)
     weights = _nbytes(list(parts), exclude, set())
     per_token = kv_bytes_per_token(model)
     tree = (peak_tree_nodes or 0) * per_token

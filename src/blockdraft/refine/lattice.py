@@ -17,7 +17,9 @@ class PBestRefiner:
         self.lm, self.alpha, self.p = lm, alpha if lm is not None else 0.0, p
         self.context_window = context_window  # an n-gram state needs only the last order-1 ids
 
-    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
+    def refine(self, lattice: Lattice | None, context: list[int]) -> list[list[int]]:
+        if lattice is None:  # the drafter stopped before its first head: a plain step
+            return []
         paths, _ = pbest_paths(lattice.tokens.numpy(), lattice.logprobs.double().numpy(), self.lm,
                                context[-self.context_window:], self.alpha, self.p)
         return paths.tolist()

@@ -67,8 +67,10 @@ class NeuralRefiner:
     def accept(self, context: list[int]) -> None:
         self.rescorer.sync(context)
 
-    def refine(self, lattice: Lattice, context: list[int]) -> list[list[int]]:
+    def refine(self, lattice: Lattice | None, context: list[int]) -> list[list[int]]:
         self.rescorer.sync(context)
+        if lattice is None:  # the drafter stopped before its first head: a plain step
+            return []
         scores, draft, logp = lattice.logprobs.float(), [], self.rescorer.last
         for j in range(lattice.depth):
             cand = lattice.tokens[j]  # [k]
