@@ -45,9 +45,10 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
     lattice: Lattice | None = None
     reason, began = "", time.perf_counter()
     while not reason:
-        # 1. the tree: pending token + drafts, limited by the token budget and the context
-        depth = min(cfg.max_new_tokens - len(out) - 1, target.max_positions - len(ids))
-        tree = build_tree(ids[-1], [d[:depth] for d in drafts], cfg.max_tree_nodes)
+        # 1. the tree: pending token + drafts; a step commits at most depth + 1 tokens (the
+        #    accepted drafts and the target's own next one), so depth + 1 fits the room left
+        room = min(cfg.max_new_tokens - len(out), target.max_positions - len(ids))
+        tree = build_tree(ids[-1], [d[:room - 1] for d in drafts], cfg.max_tree_nodes)
         # 2. one target forward; 3. greedy acceptance
         t0 = time.perf_counter()
         logits, hidden = target.forward(tree)
