@@ -16,7 +16,6 @@ import torch
 from blockdraft.api import Decoder
 from blockdraft.drafting import NoDrafter
 from blockdraft.engine import DecodeConfig, generate
-from blockdraft.methods import resolve
 from blockdraft.models import LoadedModel
 from blockdraft.refine.base import ArgmaxRefiner
 from blockdraft.refine.ngram import train_ngram
@@ -36,15 +35,6 @@ def _prompt(gap: int, seed: int = 0) -> list[int]:
     ids[-20:-11] = piece
     ids[-9:] = piece
     return ids[gap:]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on busy shared cores: one thread avoids contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +108,7 @@ def _check_methods(decoders, greedy, method, heads, gaps):
     dec = decoders[heads]
     for gap in gaps:
         prompt = _prompt(gap)
-        drafter, refiner = resolve(method)(dec)
+        drafter, refiner = dec.build(method)
         got = _decode(dec.target, drafter, refiner, prompt)
         assert got.ids == greedy[gap], gap
         assert got.stop_reason == "context" and len(prompt) + got.new_tokens == LIMIT
