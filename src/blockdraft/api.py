@@ -81,7 +81,8 @@ class Decoder:
         if self._rescorer is None:
             if self.rescorer_path is None:
                 raise BlockdraftError(f"no rescorer for {self.loaded.name!r}: train one with `blockdraft train-rescorer` and set Decoder.rescorer_path")
-            self._rescorer = load_rescorer(self.rescorer_path, self.loaded.fingerprint)
+            self._rescorer = load_rescorer(self.rescorer_path, self.loaded.fingerprint,
+                                          vocab_size=self.target.lm_head.weight.shape[0])
         return self._rescorer
 
     @property

@@ -115,9 +115,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def load_feature_head(folder: Path, raw: dict, dtype: torch.dtype, device) -> FeatureHead:
-    """Build a FeatureHead from its parsed config and weights (called by heads.load_heads)."""
-    from safetensors.torch import load_file
+    """Build a FeatureHead from its parsed config and weights (called by heads.load_heads), checked
+    by blockdraft.validate: field types, sizes the layers can take, layout, finite weights, ids."""
+    from . import validate
 
-    head = FeatureHead(FeatureHeadConfig(**raw)).to(dtype)
-    head.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    path = folder / CONFIG_FILE
+    config = validate.config_from(FeatureHeadConfig, raw, path, non_negative=("draft_vocab_size",),
+                                  positive=("num_heads", "hidden_size", "vocab_size", "attention_heads", "intermediate_size"))
+    if config.hidden_size % config.attention_heads or (config.hidden_size // config.attention_heads) % 2:
+        raise validate.fault(path, f"hidden_size {config.hidden_size} does not split into {config.attention_heads} "
+                                   "attention heads of an even size")
+    state = validate.safetensors(folder / WEIGHTS_FILE)
+    head = FeatureHead(config).to(dtype)
+    validate.drafter_state(head, state, config.vocab_size, folder / WEIGHTS_FILE)
+    head.load_state_dict(state)
     return head.to(device=device, dtype=dtype).eval().requires_grad_(False)

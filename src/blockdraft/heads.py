@@ -235,10 +235,9 @@ def following_ids(ids: list[int], first: int, count: int, k: int, pad: int = 0) 
 
 
 def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load heads saved by DraftHeads.save (or a FeatureHead); a missing or corrupt checkpoint is a one-line error."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Load heads saved by DraftHeads.save (or a FeatureHead); a missing or corrupt checkpoint is a
+    one-line error naming the file and the fault (blockdraft.validate)."""
+    from . import validate
     from .feature_head import FORMAT as FEATURE_FORMAT, load_feature_head
 
     folder = Path(folder)
@@ -246,17 +245,16 @@ def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
         folder = folder.parent
     if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise BlockdraftError(f"no draft heads at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        raw = json.loads((folder / CONFIG_FILE).read_text())
-        kind = raw.pop("format", None)
-        if kind == FEATURE_FORMAT:
-            return load_feature_head(folder, raw, dtype, device)
-        if kind != FORMAT:
-            raise ValueError(f"format is not {FORMAT} or {FEATURE_FORMAT}")
-        config = HeadsConfig(**raw)
-        state = load_file(str(folder / WEIGHTS_FILE))
-        heads = DraftHeads(config).to(dtype)  # before loading: no round trip through float32
-        heads.load_state_dict(state)
-    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, OSError) as exc:
-        raise BlockdraftError(f"corrupt draft-heads checkpoint at {folder}: {str(exc).splitlines()[0][:200]}") from None
+    raw = validate.json_object(folder / CONFIG_FILE)
+    kind = raw.pop("format", None)
+    if kind == FEATURE_FORMAT:
+        return load_feature_head(folder, raw, dtype, device)
+    if kind != FORMAT:
+        raise validate.fault(folder / CONFIG_FILE, f"format {kind!r}, expected {FORMAT!r} or {FEATURE_FORMAT!r}")
+    config = validate.config_from(HeadsConfig, raw, folder / CONFIG_FILE, positive=("num_heads", "hidden_size", "vocab_size"),
+                                  non_negative=("draft_vocab_size",))
+    state = validate.safetensors(folder / WEIGHTS_FILE)
+    heads = DraftHeads(config).to(dtype)  # before loading: no round trip through float32
+    validate.drafter_state(heads, state, config.vocab_size, folder / WEIGHTS_FILE)
+    heads.load_state_dict(state)
     return heads.to(device=device, dtype=dtype).eval().requires_grad_(False)

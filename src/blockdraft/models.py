@@ -55,8 +55,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from . import validate
+
     hf_logging.disable_progress_bar()  # a weight-loading bar per call would bury our own output
+    validate.model_spec(spec)
     path = _materialise_alias(spec) if spec in _GGUF_ALIASES else spec
+    if Path(path).is_dir():  # a truncated weights file or a config.json that is not an object: one line
+        validate.model_folder(path)
     if spec not in _GGUF_ALIASES and not Path(spec).exists() and os.environ.get("HF_HUB_OFFLINE") is None:
         # Fail fast and clearly instead of hanging on a hub request this machine cannot make.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,6 +73,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
             f"cannot load model {spec!r}: not a local model directory, a cached hub id or an alias "
             f"({', '.join(_GGUF_ALIASES)}) [{str(exc).splitlines()[0][:160]}]"
         ) from None
+    validate.finite(model.named_parameters(), path)
     model.to(torch.device(device) if device else default_device()).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

@@ -82,18 +82,29 @@ class NeuralRefiner:
         return [draft]
 
 
-def load_rescorer(folder: str | Path, fingerprint: str | None = None) -> Rescorer:
-    """Load a rescorer saved by `blockdraft train-rescorer`; refuse one made for another model."""
+def load_rescorer(folder: str | Path, fingerprint: str | None = None, vocab_size: int | None = None) -> Rescorer:
+    """Load a rescorer saved by `blockdraft train-rescorer`; refuse one made for another model, or a
+    corrupt one (blockdraft.validate: JSON objects, complete weights, finite, the target's ids)."""
     from transformers import AutoModelForCausalLM
+
+    from .. import validate
 
     folder = Path(folder)
     if not (folder / META).exists():
         raise BlockdraftError(f"no rescorer at {folder}: expected {META} (train one with `blockdraft train-rescorer`)")
+    meta = validate.json_object(folder / META)
+    alpha = meta.get("alpha", {"default": 1.0})
+    if not isinstance(alpha, dict) or not all(validate.number_at_least(a, 0.0) for a in alpha.values()):
+        raise validate.fault(folder / META, f"alpha must map domains to numbers >= 0, found {json.dumps(alpha)[:60]}")
+    validate.model_folder(folder)
     try:
-        meta = json.loads((folder / META).read_text())
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise BlockdraftError(f"corrupt rescorer at {folder}: {str(exc).splitlines()[0][:200]}") from None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise BlockdraftError(f"corrupt rescorer at {folder}: {validate.first_line(exc)}") from None
+    validate.finite(model.named_parameters(), folder)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if vocab_size is not None and rows < vocab_size:
+        raise BlockdraftError(f"rescorer at {folder} scores {rows} token ids, fewer than the model's {vocab_size}")
     if fingerprint and meta.get("base_fingerprint") not in (None, fingerprint):
         raise BlockdraftError(f"rescorer at {folder} was trained for another model ({meta.get('base_model')})")
-    return Rescorer(model, meta.get("alpha", {"default": 1.0}))
+    return Rescorer(model, alpha)

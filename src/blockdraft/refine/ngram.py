@@ -301,9 +301,7 @@ class NgramLM:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                if meta.get("format") != FORMAT:
-                    raise NgramFileError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-                order, v = int(meta["order"]), int(meta["vocab_size"])
+                order, v = _check_meta(str(path), meta)
                 tables = {name: z[name] for name in z.files}
         except NgramFileError:
             raise
@@ -578,15 +576,47 @@ def _kn_probabilities(keys: list, adjusted: list, kept: list, discounts: list, v
 # ---- file checks and ARPA parsing ---------------------------------------------------------------
 
 
+def _check_meta(where: str, meta) -> tuple[int, int]:
+    """The metadata object: format, order and vocab_size as positive integers, alpha as numbers >= 0."""
+    if not isinstance(meta, dict):
+        raise NgramFileError(f"{where}: metadata must be a JSON object, found {json.dumps(meta)[:40]}")
+    if meta.get("format") != FORMAT:
+        raise NgramFileError(f"{where}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    for key in ("order", "vocab_size"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise NgramFileError(f"{where}: {key} must be a positive integer, found {json.dumps(value)[:40]}")
+    alpha = meta.get("alpha", {})
+    good = lambda a: isinstance(a, (int, float)) and not isinstance(a, bool) and np.isfinite(a) and a >= 0
+    if not isinstance(alpha, dict) or not all(isinstance(k, str) and good(a) for k, a in alpha.items()):
+        raise NgramFileError(f"{where}: alpha must map domains to numbers >= 0, found {json.dumps(alpha)[:60]}")
+    return meta["order"], meta["vocab_size"]
+
+
 def _check_tables(where: str, order: int, v: int, uni: list, keys: list, lp: list, bow: list) -> None:
-    """Cheap structural checks of loaded arrays (shapes, dtypes, sorted in-range keys)."""
+    """Cheap structural checks of loaded arrays (shapes, dtypes, sorted in-range keys, log-probs
+    <= 0 and never NaN, finite backoffs)."""
     base = v + 3
-    if any(len(x) != base for x in uni):
-        raise NgramFileError(f"{where}: unigram tables do not match vocab_size {v}")
+    for name, x in zip(("uni_lp", "uni_bow", "uni_seen"), uni):
+        if x.ndim != 1 or len(x) != base:
+            raise NgramFileError(f"{where}: {name} does not match vocab_size {v}")
+    if uni[2].dtype != np.bool_:
+        raise NgramFileError(f"{where}: uni_seen must be boolean, found {uni[2].dtype}")
+    logprobs = [("uni_lp", uni[0])] + [(f"lp{n}", x) for n, x in enumerate(lp, start=2)]
+    backoffs = [("uni_bow", uni[1])] + [(f"bow{n}", x) for n, x in enumerate(bow, start=2)]
+    for name, x in logprobs + backoffs:
+        if x.dtype.kind != "f" or x.ndim != 1:
+            raise NgramFileError(f"{where}: {name} must be a 1-D float array, found {x.dtype} {list(x.shape)}")
+        if np.isnan(x).any() or np.isposinf(x).any() or (name.startswith("bow") or name == "uni_bow") and np.isinf(x).any():
+            raise NgramFileError(f"{where}: {name} holds NaN or inf values")
+    for name, x in logprobs:
+        if len(x) and x.max() > 1e-6:
+            raise NgramFileError(f"{where}: {name} holds log-probabilities above 0 ({float(x.max()):.3g})")
     for n, (k, p) in enumerate(zip(keys, lp), start=2):
         b = bow[n - 2] if n < order else None
         bad = (
             k.dtype != np.int64
+            or k.ndim != 1
             or len(p) != len(k)
             or (b is not None and len(b) != len(k))
             or (len(k) and (k[0] < 0 or k[-1] >= base**n or np.any(k[1:] <= k[:-1])))
