@@ -17,7 +17,7 @@ from .errors import BlockdraftError
 from .feature_head import FeatureHead
 from .heads import DraftHeads, load_heads
 from .methods import MethodSpec, Parts, build, settle, to_spec
-from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models import ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from .prompting import encode_chat
 from .refine.base import Refiner
 from .target import TargetModel
@@ -26,15 +26,19 @@ from .types import DecodeResult
 ASSETS = Path(__file__).parent / "assets"
 
 
-def shipped_heads(model: str) -> Path | None:
-    """The heads bundled with the package for a model alias, if any."""
-    path = ASSETS / "heads" / model
+def shipped_heads(alias: str | None) -> Path | None:
+    """The heads bundled with the package for a model alias (None for any other model)."""
+    if alias not in ALIASES:
+        return None
+    path = ASSETS / "heads" / alias
     return path if (path / "config.json").exists() else None
 
 
-def shipped_refiner(model: str, name: str) -> Path | None:
+def shipped_refiner(alias: str | None, name: str) -> Path | None:
     """A bundled refiner resource (`ngram.npz` or the `rescorer` folder) for a model alias."""
-    path = ASSETS / "refiners" / model / name
+    if alias not in ALIASES:
+        return None
+    path = ASSETS / "refiners" / alias / name
     return path if path.exists() else None
 
 
@@ -44,8 +48,8 @@ class Decoder:
     def __init__(self, loaded: LoadedModel, heads: DraftHeads | FeatureHead | None, heads_path: str | None):
         self.loaded, self.heads, self.heads_path = loaded, heads, heads_path
         self.target = TargetModel(loaded.model)
-        self.ngram_path = shipped_refiner(loaded.name, "ngram.npz")
-        self.rescorer_path = shipped_refiner(loaded.name, "rescorer")
+        self.ngram_path = shipped_refiner(loaded.alias, "ngram.npz")
+        self.rescorer_path = shipped_refiner(loaded.alias, "rescorer")
         self._ngram = self._rescorer = self._cost = None
 
     def cost_curve(self):
@@ -57,7 +61,7 @@ class Decoder:
 
         if self._cost is None:
             weight = self.target.lm_head.weight
-            key = {"model": self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
+            key = {"model": self.loaded.alias or self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
                    "dtype": str(weight.dtype), "threads": torch.get_num_threads(), "cpu": cpu_model(),
                    "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": LINEAR_PATH,
                    "body": self.target.path}
@@ -93,7 +97,7 @@ class Decoder:
         if self.heads is None:
             raise BlockdraftError(
                 f"no draft heads for model {self.loaded.name!r}: pass --heads PATH (train them with "
-                "`blockdraft train-heads`) or use --method ar"
+                "`blockdraft train-heads`) or use --method ar or lookup"
             )
         return self.heads
 
@@ -170,8 +174,13 @@ def _text_streamer(tokenizer, on_text):
 
 
 def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str = "float32",
-         device: str | None = None, onednn: bool = True) -> Decoder:
-    """Load a target model and draft heads. heads="default" picks the shipped heads when they exist.
+         device: str | None = None, onednn: bool = True, offline: bool | None = None) -> Decoder:
+    """Load a target model and draft heads. heads="default" picks the shipped heads of a known
+    alias (also when the model is given as a folder holding that alias's weights); other models
+    have none unless a heads folder is given.
+
+    offline=None reads only the local cache when the user set HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE;
+    True always does; False allows hub downloads (blockdraft.models.load_model).
 
     onednn=True runs a CPU float32 model's linear layers through oneDNN (blockdraft.cpu): the
     same math with kernels that are 1.4-2x faster here, for every method alike. Draft heads run
@@ -180,8 +189,9 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     """
     from .cpu import attend_with_grouped_kv, fast_bfloat16, use_onednn_linears
 
-    loaded = load_model(model, dtype, device)
-    path = str(shipped_heads(model)) if heads == "default" and shipped_heads(model) else (None if heads == "default" else heads)
+    loaded = load_model(model, dtype, device, offline)
+    shipped = shipped_heads(loaded.alias)
+    path = (str(shipped) if shipped else None) if heads == "default" else heads
     cpu_fast_path = onednn and loaded.device.type == "cpu"
     draft_heads = None
     if path:

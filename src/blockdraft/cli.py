@@ -13,15 +13,23 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF model id, local directory or alias (default: %(default)s)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--offline", action="store_true", default=None,
+                   help="never contact the Hugging Face hub (also on when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
 
 
 def _load(args):
     from .models import load_model
-    return load_model(args.model, args.dtype, args.device)
+    return load_model(args.model, args.dtype, args.device, args.offline)
+
+
+def _decoder(args):
+    """The Decoder of a command with --model, --heads, --dtype, --device and --offline."""
+    import blockdraft
+    return blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device,
+                           offline=args.offline)
 
 
 def cmd_generate(args) -> None:
-    import blockdraft
     from .methods import parse
 
     parse(args.method)  # checked before the model loads: a bad request costs nothing
@@ -29,11 +37,11 @@ def cmd_generate(args) -> None:
         raise BlockdraftError("empty prompt: give some text to continue")
     if args.max_new_tokens <= 0:
         raise BlockdraftError(f"max_new_tokens must be positive, got {args.max_new_tokens}")
-    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
+    dec = _decoder(args)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     result = dec.generate(args.prompt, method=args.method, max_new_tokens=args.max_new_tokens, raw=args.raw,
                           stop=tuple(args.stop or ()), on_text=stream)
-    summary = {"text": result.text, "method": args.method, "model": args.model, "heads": dec.heads_path,
+    summary = {"text": result.text, "method": args.method, "model": dec.loaded.label, "heads": dec.heads_path,
                "new_tokens": result.new_tokens, "steps": result.steps,
                "block_efficiency": round(result.block_efficiency, 4), "seconds": round(result.seconds, 4),
                "tokens_per_s": round(result.new_tokens / result.seconds, 2) if result.seconds else 0.0,
@@ -130,7 +138,6 @@ def cmd_train_rescorer(args) -> None:
 
 
 def cmd_analyze(args) -> None:
-    import blockdraft
     from .analysis.runner import analyze, parse_topks
     from .bench.datasets import DEFAULT_PROMPTS, load_questions
     from .methods import parse
@@ -142,7 +149,7 @@ def cmd_analyze(args) -> None:
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = load_questions(prompts, categories, args.per_category)
     topks = parse_topks(args.topk)
-    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
+    dec = _decoder(args)
     report = analyze(dec, questions, topks=topks, max_new_tokens=args.max_new_tokens, out_dir=args.out,
                      method=args.method)
     s, k = report["overall"], str(max(topks))
@@ -159,9 +166,8 @@ def cmd_train_ngram(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    import blockdraft
     from .refine.tune import heldout_records, tune_alpha
-    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
+    dec = _decoder(args)
     dec.ngram_path, dec.rescorer_path = args.ngram or dec.ngram_path, args.rescorer or dec.rescorer_path
     report = tune_alpha(dec, heldout_records(args.data, args.per_domain), args.kind)
     path = store_alpha(dec, args.kind, report)

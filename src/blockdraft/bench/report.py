@@ -88,7 +88,7 @@ def markdown(results: dict) -> str:
     """results.md: the command, the machine, and methods x categories tables."""
     env, cfg, methods, cols = results["environment"], results["config"], list(results["methods"]), columns(results)
     lines = ["# blockdraft bench", "", f"- command: `{results['command'] or 'run_bench (Python API)'}`",
-             f"- model: {env['model']} ({env['dtype']}), heads: {env['heads']}",
+             f"- model: {env.get('model_label', env['model'])} ({env['dtype']}), heads: {env['heads']}",
              f"- machine: {env['cpu']} ({env['cpu_count']} CPUs), device {env['device']}, "
              f"torch threads {env['torch_threads']}, python {env['python']}, "
              f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}",

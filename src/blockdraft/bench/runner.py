@@ -377,7 +377,8 @@ def environment(decoder: Decoder, threads: int) -> dict:
     """Where and with what the numbers were measured."""
     device = decoder.loaded.device
     return {
-        "model": decoder.loaded.name, "heads": decoder.heads_path, "dtype": str(decoder.loaded.model.dtype),
+        "model": decoder.loaded.name, "model_label": decoder.loaded.label, "heads": decoder.heads_path,
+        "dtype": str(decoder.loaded.model.dtype),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {p: _version(p) for p in ("torch", "transformers", "numpy", "blockdraft", "llama_cpp_python")},
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
