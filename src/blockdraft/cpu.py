@@ -97,6 +97,12 @@ def fast_bfloat16() -> bool:
         return False
 
 
+def can_pack_dtype(dtype: torch.dtype) -> bool:
+    """oneDNN lays out float32 weights anywhere, bfloat16 ones only where the CPU has native
+    bfloat16 (AVX-512 BF16 / AMX); elsewhere bfloat16 drafting keeps the plain layout."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and fast_bfloat16())
+
+
 def use_onednn_linears(model: nn.Module) -> int:
     """Swap every nn.Linear of a CPU float32 model for OneDNNLinear; returns how many."""
     count = 0

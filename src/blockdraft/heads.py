@@ -138,9 +138,9 @@ class DraftHeads(nn.Module):
         """The blocks as one-row products: packed for oneDNN where the target runs oneDNN linears
         (2.2x faster for the last chained head here, same results), else the modules themselves.
         The packed copies are buffers (counted with the heads' memory), redone when a weight changes."""
-        from .cpu import OneDNNLinear, pack_weight, packed_linear
+        from .cpu import OneDNNLinear, can_pack_dtype, pack_weight, packed_linear
 
-        if not isinstance(lm_head, OneDNNLinear):
+        if not isinstance(lm_head, OneDNNLinear) or not can_pack_dtype(self.blocks[0].weight.dtype):
             return list(self.blocks)
         key = tuple((b.weight.data_ptr(), b.weight._version, b.weight.dtype) for b in self.blocks)
         if getattr(self, "_blocks_of", None) != key:
@@ -165,9 +165,10 @@ def draft_projection(owner: nn.Module, lm_head: nn.Module, dtype: torch.dtype):
     traffic), packed like lm_head on a CPU, copied once and counted with the drafter's memory."""
     if not len(getattr(owner, "draft_vocab", ())):
         return (lambda states: lm_head(states.to(lm_head.weight.dtype))), None
-    from .cpu import OneDNNLinear, pack_weight, packed_linear
+    from .cpu import OneDNNLinear, can_pack_dtype, pack_weight, packed_linear
 
-    weight, packed = lm_head.weight, isinstance(lm_head, OneDNNLinear)  # packed: the model runs oneDNN linears
+    weight = lm_head.weight
+    packed = isinstance(lm_head, OneDNNLinear) and can_pack_dtype(dtype)  # the model runs oneDNN linears
     key = (id(weight), weight._version, dtype, packed)
     if getattr(owner, "_rows_of", None) != key:  # first call, another lm_head or layout: copy its draft rows once
         rows = weight.detach()[owner.draft_vocab].to(dtype)  # [V', H]: 4.7 MB for 4,096 SmolLM2 rows in bfloat16
