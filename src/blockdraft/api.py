@@ -43,11 +43,19 @@ def shipped_refiner(alias: str | None, name: str) -> Path | None:
 
 
 class Decoder:
-    """A loaded target model plus its drafting parts; one generate() call per prompt."""
+    """A loaded target model plus its drafting parts; one generate() call per prompt.
 
-    def __init__(self, loaded: LoadedModel, heads: DraftHeads | FeatureHead | None, heads_path: str | None):
+    Build one with `blockdraft.load(...)` (loads the model) or `Decoder.from_model(...)` (a model
+    the caller already has).
+    """
+
+    def __init__(self, loaded: LoadedModel, heads: DraftHeads | FeatureHead | None, heads_path: str | None,
+                 method: str | MethodSpec = "fast", lm_head: torch.nn.Module | None = None):
         self.loaded, self.heads, self.heads_path = loaded, heads, heads_path
-        self.target = TargetModel(loaded.model)
+        self.method = method  # generate()'s method when it is given none
+        self.target = TargetModel(loaded.model, lm_head=lm_head)
+        self.swapped_linears = 0  # nn.Linear layers of loaded.model swapped in place (blockdraft.load; undone by release)
+        self.released = False
         self.ngram_path = shipped_refiner(loaded.alias, "ngram.npz")
         self.rescorer_path = shipped_refiner(loaded.alias, "rescorer")
         self._ngram = self._rescorer = self._cost = None
@@ -133,44 +141,157 @@ class Decoder:
             ids.add(self.tokenizer.eos_token_id)
         return tuple(sorted(ids))
 
-    def encode(self, prompt: str | list[str], answers: list[str] | None = None, raw: bool = False) -> list[int]:
+    def encode(self, prompt: str | list[str], answers: list[str] | None = None, raw: bool = False,
+               system: str | None = None) -> list[int]:
         turns = [prompt] if isinstance(prompt, str) else list(prompt)
-        return encode_chat(self.tokenizer, turns, answers, raw=raw)
+        return encode_chat(self.tokenizer, turns, answers, raw=raw, system=system)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer, heads: str | DraftHeads | FeatureHead | None = "default",
+                   method: str | MethodSpec = "fast", onednn: bool = True, name: str | None = None) -> "Decoder":
+        """A Decoder around a transformers causal LM and tokenizer the caller already loaded.
+
+        The caller's model is not changed: no module is swapped, no weight or setting is
+        written. The CPU fast path packs private copies of the weights instead (onednn=True:
+        the output projection for oneDNN; the Llama decoder's fused projections), which costs
+        memory about the size of those weights; `release()` drops them. The model must be in
+        eval mode (`model.eval()`), as from_pretrained returns it.
+
+        heads: "default" (the shipped heads when the model's weights are a known alias's), a
+        heads folder, a DraftHeads / FeatureHead object, or None (then `ar`, `lookup` and
+        `fast`, which falls back to lookup, work). `method` is generate()'s default.
+        """
+        from .cpu import OneDNNLinear, can_pack
+        from .models import alias_of, model_fingerprint
+
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
+            raise BlockdraftError(f"from_model needs a transformers causal LM, not {type(model).__name__}")
+        if model.training:
+            raise BlockdraftError("the model is in training mode (dropout on): call model.eval() first")
+        to_spec(method)  # a bad name fails now
+        fingerprint = model_fingerprint(model)
+        label = name or getattr(model, "name_or_path", "") or type(model).__name__
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, name=label, fingerprint=fingerprint,
+                             alias=alias_of(fingerprint))
+        lm_head = model.get_output_embeddings()
+        private = onednn and type(lm_head) is torch.nn.Linear and can_pack(lm_head.weight)
+        draft_heads, path = _draft_heads(loaded, heads, cpu_fast_path=onednn and loaded.device.type == "cpu")
+        return cls(loaded, draft_heads, path, method=method, lm_head=OneDNNLinear(lm_head) if private else None)
+
+    def release(self) -> None:
+        """Give the model back as it was: undo in-place changes (blockdraft.load swaps a CPU float32
+        model's nn.Linear layers for oneDNN ones) and drop the private packed copies of its
+        weights. The Decoder cannot generate afterwards."""
+        from .cpu import restore_linears
+
+        if self.swapped_linears:
+            restore_linears(self.loaded.model)
+            self.swapped_linears = 0
+        self.target = None
+        self._cost = None
+        self.released = True
 
     def generate(self, prompt: str | list[str] | None = None, *, ids: list[int] | None = None,
-                 method: str | MethodSpec = "fast", max_new_tokens: int = 128, raw: bool = False,
-                 stop: tuple[str, ...] = (), answers: list[str] | None = None, on_text=None, record: bool = False,
-                 domain: str | None = None) -> DecodeResult:
-        """Greedy generation; `method` names a drafter + refiner (see blockdraft.methods).
+                 method: str | MethodSpec | None = None, max_new_tokens: int = 128, raw: bool = False,
+                 stop: tuple[str, ...] = (), answers: list[str] | None = None, system: str | None = None,
+                 on_text=None, streamer=None, record: bool = False, domain: str | None = None) -> DecodeResult:
+        """Greedy generation; `method` names a drafter + refiner (see blockdraft.methods), by default
+        the Decoder's own (`fast` unless from_model was given another).
 
+        system: a system message for chat models (through the chat template). on_text(delta)
+        receives the answer's text as it is committed; the deltas add up to the returned `text`
+        exactly (text that may begin a stop string waits until it is known not to). `streamer`
+        is any object with transformers' streamer protocol (`TextStreamer`,
+        `TextIteratorStreamer`: put(ids tensor), end()), fed as `model.generate` feeds it: the
+        prompt ids, then the committed ids step by step, then end() (also after an error).
         record: keep each step's lattice and draft (analysis); domain: the training-prompt domain
         whose tuned rescoring weight the refiners use (default: their overall one).
         """
-        spec = self.spec(method)  # a bad name fails before any work
+        if self.released:
+            raise BlockdraftError("this Decoder was released; build a new one")
+        spec = self.spec(method if method is not None else self.method)  # a bad name fails before any work
         if ids is None:
             if prompt is None:
                 raise BlockdraftError("give a prompt or ids")
-            ids = self.encode(prompt, answers, raw)
+            ids = self.encode(prompt, answers, raw, system)
         drafter, refiner = build(spec, self.parts(spec), record=record, domain=domain)
         cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids(), stop_strings=tuple(stop),
                            record_lattices=record)
-        return generate(self.target, drafter, refiner, list(ids), cfg, self.tokenizer,
-                        on_commit=_text_streamer(self.tokenizer, on_text) if on_text else None)
+        text = _TextDeltas(self.tokenizer, on_text, tuple(stop)) if on_text else None
+        sinks = [sink for sink in (text, _StreamerFeed(streamer) if streamer is not None else None) if sink]
+        if streamer is not None:
+            streamer.put(torch.tensor([list(ids)]))
+        try:
+            result = generate(self.target, drafter, refiner, list(ids), cfg, self.tokenizer,
+                              on_commit=(lambda new: [sink(new) for sink in sinks]) if sinks else None)
+        finally:
+            if streamer is not None:
+                streamer.end()
+        if text is not None:
+            text.finish(result.text)
+        return result
 
 
-def _text_streamer(tokenizer, on_text):
-    """Turn committed ids into text deltas (decoding the whole answer keeps multi-byte tokens right)."""
-    seen: list[int] = []
-    shown = [""]
+class _StreamerFeed:
+    """Committed ids to a transformers streamer, one 1-D tensor per step (as TextStreamer.put takes them)."""
 
-    def push(new: list[int]) -> None:
-        seen.extend(new)
-        text = tokenizer.decode(seen, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and len(text) > len(shown[0]):
-            on_text(text[len(shown[0]):])
-            shown[0] = text
+    def __init__(self, streamer):
+        self.streamer = streamer
 
-    return push
+    def __call__(self, new: list[int]) -> None:
+        self.streamer.put(torch.tensor(new))
+
+
+class _TextDeltas:
+    """Committed ids -> text deltas whose concatenation is the final text.
+
+    The whole answer is decoded each time (multi-byte tokens come out right); the last
+    len(longest stop string) - 1 characters wait, since the final text is cut where a stop
+    string begins (cut there once one has come), and finish() sends the rest of the final text.
+    """
+
+    def __init__(self, tokenizer, on_text, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.on_text, self.stop = tokenizer, on_text, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.seen: list[int] = []
+        self.shown = ""
+
+    def __call__(self, new: list[int]) -> None:
+        self.seen.extend(new)
+        text = self.tokenizer.decode(self.seen, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        cuts = [text.find(s) for s in self.stop if s in text]
+        self._send(text[: min(cuts)] if cuts else text[: max(0, len(text) - self.hold)])
+
+    def finish(self, final: str) -> None:
+        self._send(final)
+
+    def _send(self, text: str) -> None:
+        if len(text) > len(self.shown) and text.startswith(self.shown):
+            self.on_text(text[len(self.shown):])
+            self.shown = text
+
+
+def _draft_heads(loaded: LoadedModel, heads, cpu_fast_path: bool) -> tuple[DraftHeads | FeatureHead | None, str | None]:
+    """The drafter weights for `loaded`: "default" (the shipped heads of its alias), a folder, an
+    object, or None; checked against the model's sizes and weights. Heads loaded from a folder
+    run in bfloat16 where the CPU has native bfloat16 (drafts only propose; the target verifies
+    in its own dtype, so the output is unchanged)."""
+    from .cpu import fast_bfloat16
+
+    if isinstance(heads, (DraftHeads, FeatureHead)):
+        heads.check_compatible(loaded.model, loaded.fingerprint)
+        return heads, None
+    if heads == "default":
+        shipped = shipped_heads(loaded.alias)
+        heads = str(shipped) if shipped else None
+    if not heads:
+        return None, None
+    bf16 = cpu_fast_path and loaded.model.dtype == torch.float32 and fast_bfloat16()
+    loaded_heads = load_heads(heads, dtype=torch.bfloat16 if bf16 else loaded.model.dtype, device=loaded.device)
+    loaded_heads.check_compatible(loaded.model, loaded.fingerprint)
+    return loaded_heads, str(heads)
 
 
 def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str = "float32",
@@ -183,22 +304,19 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     True always does; False allows hub downloads (blockdraft.models.load_model).
 
     onednn=True runs a CPU float32 model's linear layers through oneDNN (blockdraft.cpu): the
-    same math with kernels that are 1.4-2x faster here, for every method alike. Draft heads run
-    in bfloat16 where the CPU has native bfloat16 (drafts only propose; the target verifies
-    in its own dtype, so the output is unchanged).
+    same math with kernels that are 1.4-2x faster here, for every method alike, HF generate
+    included. The swap is made in place on the model this call loads (`dec.loaded.model`);
+    `dec.release()` undoes it. Draft heads run in bfloat16 where the CPU has native bfloat16.
     """
-    from .cpu import attend_with_grouped_kv, fast_bfloat16, use_onednn_linears
+    from .cpu import attend_with_grouped_kv, use_onednn_linears
 
     loaded = load_model(model, dtype, device, offline)
-    shipped = shipped_heads(loaded.alias)
-    path = (str(shipped) if shipped else None) if heads == "default" else heads
     cpu_fast_path = onednn and loaded.device.type == "cpu"
-    draft_heads = None
-    if path:
-        bf16 = cpu_fast_path and loaded.model.dtype == torch.float32 and fast_bfloat16()
-        draft_heads = load_heads(path, dtype=torch.bfloat16 if bf16 else loaded.model.dtype, device=loaded.device)
-        draft_heads.check_compatible(loaded.model, loaded.fingerprint)
+    draft_heads, path = _draft_heads(loaded, heads, cpu_fast_path)
+    swapped = 0
     if cpu_fast_path:
-        use_onednn_linears(loaded.model)
+        swapped = use_onednn_linears(loaded.model)
         attend_with_grouped_kv()
-    return Decoder(loaded, draft_heads, path)
+    dec = Decoder(loaded, draft_heads, path)
+    dec.swapped_linears = swapped
+    return dec
