@@ -2,7 +2,9 @@
 
 Per method and category: block efficiency = new tokens / steps (base-model calls that commit
 tokens), tokens/s, speed-up = sum of ar's seconds / sum of the method's seconds over the same
-prompt-turns, and lossless rate = share of prompt-turns whose ids equal ar's.
+prompt-turns, and lossless rate = share of prompt-turns whose ids equal ar's. Beside them,
+Spec-Bench's own "#Mean accepted tokens" and speed-up as its evaluation/speed.py computes
+them from the answer files (blockdraft.bench.specbench), for comparison with published tables.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING
 
+from . import specbench
 from .datasets import GROUPS, group_of
 
 if TYPE_CHECKING:
@@ -46,17 +49,31 @@ def _by_category(rows: list["TurnRecord"], ar: dict | None) -> dict:
     return {k: _summary([r for r in rows if k in (r.category, group_of(r.category))], ar) for k in keys}
 
 
-def build(records: list["TurnRecord"], methods: list[str], memory: dict, environment: dict, config: dict) -> dict:
-    """The results dict written to results.json."""
+def _spec_bench(rows: list["TurnRecord"], base_rows: list["TurnRecord"] | None, count_tokens) -> dict:
+    """Spec-Bench's speed.py metrics overall and per report column (its tasks)."""
+    cols = ["overall"] + list(dict.fromkeys(group_of(r.category) for r in rows))
+    pick = lambda rs, c: [r for r in rs if c == "overall" or group_of(r.category) == c]  # noqa: E731
+    asked = {r.question_id for r in rows}
+    base = [r for r in base_rows if r.question_id in asked] if base_rows is not None else None
+    return {c: specbench.metrics(pick(rows, c), pick(base, c) if base is not None else None, count_tokens) for c in cols}
+
+
+def build(records: list["TurnRecord"], methods: list[str], memory: dict, environment: dict, config: dict,
+          count_tokens=None) -> dict:
+    """The results dict written to results.json. count_tokens(text) -> len(tokenizer(text).input_ids)
+    gives Spec-Bench's baseline token count (its speed-up is None without it)."""
     ar = {(r.question_id, r.turn): r for r in records if r.method == BASELINE} if BASELINE in methods else None
+    spec_base = specbench.baseline(methods)
+    base_rows = [r for r in records if r.method == spec_base] if spec_base else None
     per_method = {}
     for name in methods:
         rows = [r for r in records if r.method == name]
         per_method[name] = {"overall": _summary(rows, ar), "by_category": _by_category(rows, ar),
+                            "spec_bench": _spec_bench(rows, base_rows, count_tokens),
                             "added_memory_mb": memory[name]["added_memory_mb"], "memory": memory[name]}
     categories = {r.category: group_of(r.category) for r in records}
     return {"command": config.get("command"), "config": config, "environment": environment,
-            "categories": categories, "methods": per_method}
+            "categories": categories, "spec_bench_baseline": spec_base, "methods": per_method}
 
 
 def columns(results: dict) -> list[str]:
@@ -105,7 +122,24 @@ def markdown(results: dict) -> str:
                        ("Speed-up vs ar (wall clock)", "speedup_vs_ar")):
         lines += ["", f"## {title}", ""]
         lines += _table(["method"] + cols, [[m] + [_fmt(_cell(results, m, c, key)) for c in cols] for m in methods])
+    lines += _spec_bench_tables(results, methods, cols)
     return "\n".join(lines) + "\n"
+
+
+def _spec_bench_tables(results: dict, methods: list[str], cols: list[str]) -> list[str]:
+    """Spec-Bench's speed.py figures, per column (older results without them: nothing)."""
+    if not all("spec_bench" in results["methods"][m] for m in methods):
+        return []
+    cell = lambda m, c, key: results["methods"][m]["spec_bench"].get(c, {}).get(key)  # noqa: E731
+    lines = ["", "## As Spec-Bench's evaluation/speed.py computes them", "",
+             "From the answer files: #Mean accepted tokens = tokens committed per decoding step, pooled over all "
+             "steps (1.00 for plain decoding); speed-up = mean over answers of tokens/s, over the same mean for "
+             f"`{results.get('spec_bench_baseline')}` (Spec-Bench's vanilla baseline is HF generate), whose tokens "
+             "are counted by re-tokenising its text (len(input_ids) - 1 per turn).", ""]
+    for title, key, spec in (("#Mean accepted tokens", "mean_accepted_tokens", ".2f"), ("Speed-up", "speedup", ".2f")):
+        lines += ["", f"### {title}", ""]
+        lines += _table(["method"] + cols, [[m] + [_fmt(cell(m, c, key), spec) for c in cols] for m in methods])
+    return lines
 
 
 def _bars(results: dict, key: str, ylabel: str, path: Path) -> None:

@@ -425,6 +425,7 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
               "order": "questions round-robin over categories, methods interleaved per prompt, "
                        "method order rotated per prompt",
               "command": shlex.join(["blockdraft", *argv]) if argv is not None else None}
-    results = report.build(records, list(runners), memory, environment(decoder, threads), config)
+    results = report.build(records, list(runners), memory, environment(decoder, threads), config,
+                           count_tokens=lambda text: len(decoder.tokenizer(text).input_ids))
     report.write(results, records, measured, Path(out_dir))
     return results
