@@ -10,7 +10,12 @@ import blockdraft
 from blockdraft import Decoder
 from blockdraft.cpu import OneDNNLinear
 from blockdraft.errors import BlockdraftError
-from blockdraft.testing import random_heads, reference_greedy, tiny_llama, tiny_tokenizer
+from blockdraft.testing import (
+    random_heads,
+    reference_greedy,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
 PROMPT = "write a short poem about the sky"
 

@@ -33,14 +33,18 @@ def cmd_generate(args) -> None:
     from .methods import parse
 
     parse(args.method)  # checked before the model loads: a bad request costs nothing
+    if args.prompt == "-":  # the prompt from standard input (a file, a pipe, a here-document)
+        args.prompt = sys.stdin.read()
     if not args.prompt.strip():
         raise BlockdraftError("empty prompt: give some text to continue")
+    if args.system is not None and args.raw:
+        raise BlockdraftError("--system needs the chat template: drop --raw")
     if args.max_new_tokens <= 0:
         raise BlockdraftError(f"max_new_tokens must be positive, got {args.max_new_tokens}")
     dec = _decoder(args)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     result = dec.generate(args.prompt, method=args.method, max_new_tokens=args.max_new_tokens, raw=args.raw,
-                          stop=tuple(args.stop or ()), on_text=stream)
+                          stop=tuple(args.stop or ()), system=args.system, on_text=stream)
     summary = {"text": result.text, "method": args.method, "model": dec.loaded.label, "heads": dec.heads_path,
                "new_tokens": result.new_tokens, "steps": result.steps,
                "block_efficiency": round(result.block_efficiency, 4), "seconds": round(result.seconds, 4),
@@ -192,11 +196,13 @@ def store_alpha(dec, kind: str, report: dict):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockdraft", description="Lossless blockwise parallel decoding.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text greedily, losslessly accelerated by block drafts")
     _model_args(p)
-    p.add_argument("--prompt", required=True, help="the user message (chat template applied unless --raw)")
+    p.add_argument("--prompt", required=True, help="the user message (chat template applied unless --raw); - reads it from stdin")
+    p.add_argument("--system", default=None, help="a system message, through the model's chat template")
     p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
     p.add_argument("--method", default="fast", help="fast (default: heads + n-gram + context, sized to this machine), bpd (heads only), ar (plain decoding), lookup, or a refined method")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -313,7 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_parser as add_bench_parser  # `blockdraft bench`: flags and command in bench/
     add_bench_parser(sub, _model_args)
+    from .serve import add_parser as add_serve_parser  # `blockdraft serve`: flags and command in serve/
+    add_serve_parser(sub, _model_args)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own when run from a source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+    try:
+        return version("blockdraft")
+    except PackageNotFoundError:
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,125 @@
+"""OpenAI-compatible request bodies (pydantic), and the refusals of what greedy decoding cannot do.
+
+Fields that do not change the answer (user, seed, stream_options...) are accepted; fields whose
+non-default values would (n > 1, penalties, logprobs, temperature > 0 until sampling is wired)
+are refused with a 400 naming the field, rather than silently ignored.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ApiError(Exception):
+    """An OpenAI-style error: HTTP status, message, type, and the offending parameter."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class _Request(BaseModel):
+    """What chat and text completions share."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    method: str | None = None  # blockdraft's own: the decoding method (default: the server's)
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stops):
+            raise ApiError(400, "stop strings must not be empty", param="stop")
+        return tuple(stops)
+
+    def refuse_unsupported(self) -> None:
+        """400 for settings greedy decoding would silently not honour."""
+        if self.temperature:
+            raise ApiError(400, "sampling is not supported yet: temperature must be 0 or absent (greedy decoding)",
+                           param="temperature")
+        if self.top_p is not None and self.top_p < 1:
+            raise ApiError(400, "sampling is not supported yet: top_p must be 1 or absent", param="top_p")
+        if (self.n or 1) > 1:
+            raise ApiError(400, "n > 1 is not supported: one choice per request", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ApiError(400, f"{name} is not supported (lossless greedy decoding)", param=name)
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported (lossless greedy decoding)", param="logit_bias")
+
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+
+    def budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs:
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+    def budget(self) -> int | None:
+        return self.max_tokens
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ApiError(400, "one prompt per request", param="prompt")
+        return self.prompt[0]
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for name in ("logprobs", "suffix"):
+            if getattr(self, name) is not None:
+                raise ApiError(400, f"{name} is not supported", param=name)
+        if self.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if (self.best_of or 1) > 1:
+            raise ApiError(400, "best_of > 1 is not supported", param="best_of")

@@ -1,0 +1,54 @@
+"""The command line's small conveniences: --version, --prompt - (stdin), --system (tiny saved model)."""
+import io
+import json
+
+import pytest
+import torch
+
+import blockdraft
+from blockdraft.cli import main
+from blockdraft.testing import tiny_llama, tiny_tokenizer
+
+PROMPT = "write a short poem about the sky"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "tiny"
+    tiny_llama(4, dtype=torch.float32).save_pretrained(folder)
+    tiny_tokenizer(64).save_pretrained(folder)
+    return folder
+
+
+def _generate(model_dir, capsys, *extra: str) -> dict:
+    assert main(["generate", "--model", str(model_dir), "--method", "ar", "--max-new-tokens", "8", "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"blockdraft {blockdraft.__version__}"
+
+
+def test_prompt_from_stdin(model_dir, capsys, monkeypatch):
+    by_flag = _generate(model_dir, capsys, "--prompt", PROMPT)
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT + "\n"))
+    by_stdin = _generate(model_dir, capsys, "--prompt", "-")
+    assert by_stdin["text"] == by_flag["text"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    assert main(["generate", "--model", str(model_dir), "--prompt", "-"]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+
+
+def test_system_message_goes_through_the_chat_template(model_dir, capsys):
+    dec = blockdraft.load(str(model_dir))
+    with_system = dec.encode(PROMPT, system="answer in short text")
+    assert with_system != dec.encode(PROMPT)
+    text = dec.tokenizer.decode(with_system)  # the tiny vocabulary lacks "system": <unk>
+    assert text.startswith("<|im_start|> <unk> answer in short text <|im_end|> <|im_start|> user write")
+    out = _generate(model_dir, capsys, "--prompt", PROMPT, "--system", "answer in short text")
+    assert out["text"] == dec.generate(ids=with_system, method="ar", max_new_tokens=8).text
+    assert main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--system", "x", "--raw"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--raw" in err
