@@ -76,19 +76,12 @@ def cmd_distill(args) -> None:
 
 def cmd_corpus(args) -> None:
     from .corpus import Corpus
-    from .train.distill import corpus_identity, pack_distilled
+    from .train.distill import pack_distilled
 
     if args.action == "add":
-        from pathlib import Path
         if not args.source:
             raise BlockdraftError("corpus add needs --from DIR (a folder written by `blockdraft distill`)")
-        meta_path = Path(args.source) / "meta.json"
-        if not meta_path.is_file():
-            raise BlockdraftError(f"{args.source} is not a distillation folder (no meta.json)")
-        meta = json.loads(meta_path.read_text())
-        corpus = Corpus.create_or_open(args.corpus, corpus_identity(meta))
-        licences = _licences(args.prompts) if args.prompts else {}
-        entry = pack_distilled(args.source, corpus, licences)
+        entry = pack_distilled(args.source, args.corpus, _licences(args.prompts) if args.prompts else {})
         print(f"{args.corpus}: " + (f"added {entry['file']} ({entry['records']} records, {entry['answer_tokens']} answer tokens)"
                                      if entry else "nothing new to add"))
     print(json.dumps(Corpus.open(args.corpus).summary(), indent=1))

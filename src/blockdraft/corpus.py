@@ -16,6 +16,7 @@ a crash leaves at most an unnamed file, never a manifest that points at a partia
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections import Counter
@@ -51,6 +52,7 @@ class Corpus:
     def __init__(self, path: Path, manifest: dict):
         self.path = path
         self.manifest = manifest
+        self._ids: set[str] | None = None  # record ids, read from the shards once, kept up to date by append
 
     # --- opening -------------------------------------------------------------------------
 
@@ -108,7 +110,9 @@ class Corpus:
         return sum(s["answer_tokens"] for s in self.shards)
 
     def record_ids(self) -> set[str]:
-        return {rid for shard in self.shards for rid in self._load(shard)["ids"].tolist()}
+        if self._ids is None:
+            self._ids = {rid for shard in self.shards for rid in self._load(shard)["ids"].tolist()}
+        return set(self._ids)
 
     def records(self) -> Iterator[CorpusRecord]:
         for shard in self.shards:
@@ -126,7 +130,7 @@ class Corpus:
         if hashlib.sha256(data).hexdigest() != shard["sha256"]:
             raise BlockdraftError(f"{file}: corrupt or truncated shard (sha256 differs from {MANIFEST})")
         try:
-            with np.load(file, allow_pickle=False) as npz:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 arrays = {key: npz[key] for key in npz.files}
         except (ValueError, OSError, EOFError) as exc:
             raise BlockdraftError(f"{file}: unreadable shard ({exc})") from None
@@ -180,6 +184,7 @@ class Corpus:
         }
         self.manifest["shards"].append(entry)
         self._write_manifest()
+        self._ids = known | {r.id for r in fresh}
         return entry
 
     def _write_manifest(self) -> None:

@@ -139,14 +139,21 @@ def corpus_identity(meta: dict) -> dict:
                            "max_prompt_tokens": meta.get("max_prompt_tokens", DistillConfig.max_prompt_tokens)}}
 
 
-def pack_distilled(data_dir: str | Path, corpus: Corpus, licences: dict[str, str] | None = None) -> dict | None:
-    """Append a distillation folder's records that the corpus lacks as one new shard."""
+def pack_distilled(data_dir: str | Path, corpus: Corpus | str | Path,
+                   licences: dict[str, str] | None = None) -> dict | None:
+    """Append a distillation folder's records that the corpus lacks as one new shard.
+
+    `corpus` is an open Corpus or a folder (created with this run's identity when new).
+    """
     data_dir = Path(data_dir)
     meta_path = data_dir / META_FILE
     if not meta_path.is_file():
         raise BlockdraftError(f"{data_dir} is not a distillation folder (no {META_FILE})")
-    meta = json.loads(meta_path.read_text())
-    corpus.check_identity(corpus_identity(meta))
+    identity = corpus_identity(json.loads(meta_path.read_text()))
+    if isinstance(corpus, Corpus):
+        corpus.check_identity(identity)
+    else:
+        corpus = Corpus.create_or_open(corpus, identity)
     licences = dict(licences or {})
     records = []
     for _, rec in read_jsonl(data_dir / DATA_FILE, _validate_record, on_error="skip"):
