@@ -4,7 +4,8 @@ Each step (Stern et al. 2018, with Kim et al. 2024's refinement stage):
   1. tree    = the pending token + the drafts of the previous step, shared prefixes merged
   2. forward = one target call: logits and hidden state at every tree node
   3. accept  = the longest tree path that equals the target's greedy choices, plus the
-               target's own next token (bonus or recovered): `committed` tokens
+               target's own next token (bonus or recovered): `committed` tokens; under
+               sampling, speculative sampling over the tree (verify.accept_sampled) instead
   4. commit  = the cache keeps the path only (invariant: cache length == len(ids) - 1)
   5. draft   = heads on the hidden states of the committed nodes -> lattice -> refiner ->
                drafts for the next step (no extra target call); a refiner may add drafts
@@ -17,13 +18,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from .drafting import Drafter
 from .errors import BlockdraftError
 from .refine.base import Refiner
+from .sampling import Sampling
 from .target import TargetModel
 from .tree import build_tree
 from .types import DecodeResult, Lattice, StepStats
-from .verify import accept_greedy
+from .verify import accept_greedy, accept_sampled
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,16 @@ class DecodeConfig:
     stop_strings: tuple[str, ...] = ()  # text that ends the answer (trimmed from `text`)
     max_tree_nodes: int | None = None  # cap on draft-tree nodes per step (None: no cap)
     record_lattices: bool = False  # keep each step's lattice and draft in StepStats
+    sampling: Sampling = Sampling()  # greedy by default; temperature > 0 samples exactly
 
 
 def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: list[int], cfg: DecodeConfig,
              tokenizer=None, on_commit: Callable[[list[int]], None] | None = None) -> DecodeResult:
-    """Greedy decoding with block drafts; the ids equal the target's own greedy decode."""
+    """Decoding with block drafts. Greedy: the ids equal the target's own greedy decode. Sampling:
+    the ids are distributed exactly as the target's own samples; drafts count as point masses
+    (q = one-hot), exact for any drafter whose drafts are a function of the committed ids."""
     _check_request(target, prompt, cfg)
+    rng = None if cfg.sampling.greedy else cfg.sampling.generator()
     prefill_s = target.prefill(prompt[:-1])
     ids, out, stats = list(prompt), [], []
     drafts: list[list[int]] = []
@@ -49,10 +57,13 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
         #    accepted drafts and the target's own next one), so depth + 1 fits the room left
         room = min(cfg.max_new_tokens - len(out), target.max_positions - len(ids))
         tree = build_tree(ids[-1], [d[:room - 1] for d in drafts], cfg.max_tree_nodes)
-        # 2. one target forward; 3. greedy acceptance
+        # 2. one target forward; 3. acceptance (greedy, or speculative sampling)
         t0 = time.perf_counter()
         logits, hidden = target.forward(tree)
-        verdict = accept_greedy(tree, logits.argmax(-1))
+        if rng is None:
+            verdict = accept_greedy(tree, logits.argmax(-1))
+        else:
+            verdict = accept_sampled(tree, _RowProbs(logits, cfg.sampling), generator=rng)
         # 4. commit the accepted path and the target's own next token
         target.commit(tree, verdict.path)
         new = [tree.tokens[n] for n in verdict.path[1:]] + [verdict.next_token]
@@ -80,7 +91,21 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
                                draft=verified[1] if cfg.record_lattices else None))
     text = _final_text(out, cfg, tokenizer)
     return DecodeResult(ids=out, text=text, steps=len(stats), stop_reason=reason, prefill_s=prefill_s,
-                        decode_s=time.perf_counter() - began, stats=stats)
+                        decode_s=time.perf_counter() - began, stats=stats,
+                        seed=None if rng is None else rng.initial_seed())
+
+
+class _RowProbs:
+    """The sampling distribution of a tree node, computed when acceptance first reads it: a step
+    reads only the accepted path and the node where it stops, not all N rows of logits [N, V]."""
+
+    def __init__(self, logits: torch.Tensor, sampling: Sampling):
+        self.logits, self.sampling, self.rows = logits, sampling, {}
+
+    def __getitem__(self, node: int) -> torch.Tensor:
+        if node not in self.rows:
+            self.rows[node] = self.sampling.probs(self.logits[node:node + 1])[0]
+        return self.rows[node]
 
 
 def _check_request(target: TargetModel, prompt: list[int], cfg: DecodeConfig) -> None:

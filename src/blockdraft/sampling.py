@@ -13,6 +13,7 @@ output for a given method, dtype and machine, and no process-wide random state i
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +59,9 @@ class Sampling:
         return torch.softmax(scores, dim=-1).cpu()
 
     def generator(self) -> torch.Generator:
-        """A fresh CPU generator: seeded by `seed`, or from the OS when there is none."""
-        gen = torch.Generator()
-        if self.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(self.seed)
-        return gen
+        """A fresh CPU generator seeded by `seed`, or by a fresh seed from the OS (its
+        initial_seed() is then a valid `seed` that repeats the output)."""
+        return torch.Generator().manual_seed(secrets.randbits(63) if self.seed is None else self.seed)
 
 
 def parse_sampling(temperature: object = 0.0, top_k: object = 0, top_p: object = 1.0,

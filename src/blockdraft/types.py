@@ -54,6 +54,7 @@ class DecodeResult:
     prefill_s: float
     decode_s: float
     stats: list[StepStats] = field(default_factory=list)
+    seed: int | None = None  # the sampler's seed (None: greedy decoding); reusing it repeats the output
 
     @property
     def new_tokens(self) -> int:

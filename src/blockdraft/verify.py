@@ -1,7 +1,7 @@
 """Acceptance rules: pure functions of the tree and the target's outputs, no model calls."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -34,12 +34,13 @@ def accept_greedy(tree: TokenTree, target_tokens: torch.Tensor | list[int]) -> V
     return Verdict(path=path, next_token=int(choice[path[-1]]))
 
 
-def accept_sampled(tree: TokenTree, target_probs: torch.Tensor, draft_probs: Mapping[int, torch.Tensor] | None = None,
+def accept_sampled(tree: TokenTree, target_probs: torch.Tensor | Sequence[torch.Tensor], draft_probs: Mapping[int, torch.Tensor] | None = None,
                    generator: torch.Generator | None = None) -> Verdict:
     """Speculative sampling over a token tree: the committed tokens (path + next token) are
     distributed exactly as if each were sampled from the target in turn.
 
-    target_probs[n] ([N, V]): the target's sampling distribution after node n.
+    target_probs[n] ([N, V], or anything indexable by node): the target's sampling distribution
+    after node n.
     draft_probs[n] ([V]): the distribution node n's token was drawn from, given the siblings drawn
     before it; a node without one is a point mass (a deterministic draft: q = one-hot).
 
