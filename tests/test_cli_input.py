@@ -7,7 +7,7 @@ import torch
 
 import blockdraft
 from blockdraft.cli import main
-from blockdraft.testing import tiny_llama, tiny_tokenizer
+from blockdraft.testing import random_heads, tiny_llama, tiny_tokenizer
 
 PROMPT = "write a short poem about the sky"
 
@@ -52,3 +52,28 @@ def test_system_message_goes_through_the_chat_template(model_dir, capsys):
     assert main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--system", "x", "--raw"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--raw" in err
+
+
+def test_sampled_generate_is_reproducible_by_seed(model_dir, tmp_path, capsys):
+    """--temperature/--top-k/--top-p/--seed reach the sampler: one seed, one output, through a drafting method."""
+    heads = tmp_path / "heads"
+    random_heads(tiny_llama(4, dtype=torch.float32), 3, seed=1).float().save(heads, dtype=torch.float32)
+    args = ["--heads", str(heads), "--method", "bpd-full", "--max-new-tokens", "24", "--prompt", PROMPT,
+            "--temperature", "0.7", "--top-k", "20", "--top-p", "0.95"]
+    runs = [_generate(model_dir, capsys, *args, "--seed", "1") for _ in range(2)]
+    assert runs[0]["text"] == runs[1]["text"] and runs[0]["seed"] == 1 and runs[0]["temperature"] == 0.7
+    expected = blockdraft.load(str(model_dir), heads=str(heads)).generate(
+        PROMPT, method="bpd-full", max_new_tokens=24, temperature=0.7, top_k=20, top_p=0.95, seed=1)
+    assert runs[0]["text"] == expected.text
+    fresh = _generate(model_dir, capsys, *args)
+    assert _generate(model_dir, capsys, *args, "--seed", str(fresh["seed"]))["text"] == fresh["text"]
+    assert _generate(model_dir, capsys, "--prompt", PROMPT)["seed"] is None  # greedy
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--temperature", "hot"), ("--top-p", "0"),
+                                         ("--top-p", "1.5"), ("--top-k", "-2"), ("--top-k", "2.5"),
+                                         ("--seed", "x"), ("--seed", "-3"), ("--temperature", "nan")])
+def test_bad_sampling_values_are_one_line_before_loading(flag, value, capsys):
+    assert main(["generate", "--model", "/no/such/model", "--prompt", PROMPT, flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag.lstrip("-").replace("-", "") in err.replace("-", "") and "/no/such" not in err

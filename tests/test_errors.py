@@ -49,9 +49,23 @@ def test_generate_bad_requests():
         dec.generate(ids=[3] * 300, method="ar")
     with pytest.raises(BlockdraftError, match="unknown method"):
         dec.generate(ids=[1, 2], method="nope")
+    for bad, why in [(dict(temperature=-0.1), "temperature"), (dict(temperature="warm"), "temperature"),
+                     (dict(top_p=0.0), "top-p"), (dict(top_k=1.5), "top-k"), (dict(seed=2 ** 64), "seed"),
+                     (dict(stop=""), "empty"), (dict(stop=["ok", 3]), "stop")]:
+        with pytest.raises(BlockdraftError, match=why):
+            dec.generate(ids=[1, 2], method="ar", **bad)
     dec.heads = None
     with pytest.raises(BlockdraftError, match="no draft heads"):
         dec.generate(ids=[1, 2], method="bpd")
+
+
+def test_a_plain_stop_string_is_one_stop_string():
+    dec = tiny_decoder()
+    full = dec.generate(ids=[1, 2, 3], method="ar", max_new_tokens=16)
+    stop = full.text.split()[2]
+    as_string = dec.generate(ids=[1, 2, 3], method="ar", max_new_tokens=16, stop=stop)
+    assert as_string.stop_reason == "stop_string" and stop not in as_string.text
+    assert as_string.text == dec.generate(ids=[1, 2, 3], method="ar", max_new_tokens=16, stop=[stop]).text
 
 
 def test_unknown_model_is_one_line(tmp_path):

@@ -51,3 +51,17 @@ def test_cli_json_and_bad_inputs(tmp_path):
     assert bad.returncode == 2 and "context" in bad.stderr
     bad = run("generate", "--prompt", "hi", "--model", str(tmp_path / "missing"))
     assert bad.returncode == 2 and "cannot load model" in bad.stderr
+
+
+def test_sampled_fast_is_reproducible_by_seed(tmp_path):
+    """`generate --method fast --temperature 0.7 --seed 1` twice: one output; drafts still accepted."""
+    run = lambda *a: subprocess.run([sys.executable, "-m", "blockdraft.cli", *a], capture_output=True, text=True)
+    args = ("generate", "--prompt", PROMPTS[0], "--method", "fast", "--max-new-tokens", "48", "--json",
+            "--temperature", "0.7", "--seed", "1")
+    first, second = run(*args), run(*args)
+    assert first.returncode == second.returncode == 0, first.stderr
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["text"] == b["text"] and a["seed"] == 1 and a["steps"] == b["steps"]
+    assert a["block_efficiency"] > 1
+    other = json.loads(run(*args[:-1], "2").stdout)
+    assert other["text"] != a["text"]

@@ -80,6 +80,23 @@ def test_completions_and_stop_strings_equal_generate(client, decoder):
         assert streamed == expected.text
 
 
+def test_sampled_requests_equal_generate_with_the_same_seed(client, decoder):
+    """temperature/top_p/seed (and top_k) reach the sampler: a seed repeats generate's answer."""
+    expected = decoder.generate(PROMPT, method="bpd-full", max_new_tokens=24, temperature=0.8, top_p=0.9, top_k=20,
+                                seed=5)
+    messages = [{"role": "user", "content": PROMPT}]
+    settings = dict(model="tiny", messages=messages, temperature=0.8, top_p=0.9, seed=5, extra_body={"top_k": 20})
+    out = client.chat.completions.create(**settings)
+    assert out.choices[0].message.content == expected.text
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**settings, stream=True)
+                       if c.choices)
+    assert streamed == expected.text
+    greedy = decoder.generate(PROMPT, method="bpd-full", max_new_tokens=24).text
+    answers = {client.chat.completions.create(model="tiny", messages=messages, temperature=1.0, seed=s)
+               .choices[0].message.content for s in range(4)}
+    assert len(answers) > 1 and expected.text != greedy
+
+
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "tiny"}, 400, "messages"),                                                   # schema
     ({"model": "tiny", "messages": []}, 400, "messages"),
@@ -87,7 +104,11 @@ def test_completions_and_stop_strings_equal_generate(client, decoder):
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "other", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),     # unknown model
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi " * 400}]}, 400, "messages"),  # too long
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.7}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -0.5}, 400, "temperature"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_k": -1}, 400, "top_k"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": "x"}, 400, "seed"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "method": "bpd-nope"}, 400, "method"),
     ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),

@@ -20,6 +20,7 @@ from .methods import MethodSpec, Parts, build, settle, to_spec
 from .models import ALIASES, DEFAULT_MODEL, LoadedModel, load_model
 from .prompting import encode_chat
 from .refine.base import Refiner
+from .sampling import parse_sampling
 from .target import TargetModel
 from .types import DecodeResult
 
@@ -194,9 +195,14 @@ class Decoder:
     def generate(self, prompt: str | list[str] | None = None, *, ids: list[int] | None = None,
                  method: str | MethodSpec | None = None, max_new_tokens: int = 128, raw: bool = False,
                  stop: tuple[str, ...] = (), answers: list[str] | None = None, system: str | None = None,
-                 on_text=None, streamer=None, record: bool = False, domain: str | None = None) -> DecodeResult:
-        """Greedy generation; `method` names a drafter + refiner (see blockdraft.methods), by default
-        the Decoder's own (`fast` unless from_model was given another).
+                 on_text=None, streamer=None, record: bool = False, domain: str | None = None,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> DecodeResult:
+        """Generation; `method` names a drafter + refiner (see blockdraft.methods), by default
+        the Decoder's own (`fast` unless from_model was given another). The output is the model's
+        own: temperature 0 (default) is its greedy decode; temperature > 0 samples from
+        temperature, then top_k, then top_p, as transformers applies them, with drafts verified by
+        speculative sampling (one seed, one output; result.seed repeats an unseeded run).
+        stop: a string or strings that end the answer.
 
         system: a system message for chat models (through the chat template). on_text(delta)
         receives the answer's text as it is committed; the deltas add up to the returned `text`
@@ -210,14 +216,16 @@ class Decoder:
         if self.released:
             raise BlockdraftError("this Decoder was released; build a new one")
         spec = self.spec(method if method is not None else self.method)  # a bad name fails before any work
+        sampling = parse_sampling(temperature, top_k, top_p, seed)
+        stop = _stop_strings(stop)
         if ids is None:
             if prompt is None:
                 raise BlockdraftError("give a prompt or ids")
             ids = self.encode(prompt, answers, raw, system)
         drafter, refiner = build(spec, self.parts(spec), record=record, domain=domain)
-        cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids(), stop_strings=tuple(stop),
-                           record_lattices=record)
-        text = _TextDeltas(self.tokenizer, on_text, tuple(stop)) if on_text else None
+        cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_ids=self.stop_ids(), stop_strings=stop,
+                           record_lattices=record, sampling=sampling)
+        text = _TextDeltas(self.tokenizer, on_text, stop) if on_text else None
         sinks = [sink for sink in (text, _StreamerFeed(streamer) if streamer is not None else None) if sink]
         if streamer is not None:
             streamer.put(torch.tensor([list(ids)]))
@@ -230,6 +238,16 @@ class Decoder:
         if text is not None:
             text.finish(result.text)
         return result
+
+
+def _stop_strings(stop: object) -> tuple[str, ...]:
+    """Stop strings from a string or a sequence of strings; an empty one would end every answer at once."""
+    strings = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) for s in strings):
+        raise BlockdraftError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in strings):
+        raise BlockdraftError("a stop string must not be empty")
+    return tuple(strings)
 
 
 class _StreamerFeed:

@@ -6,6 +6,7 @@ import json
 import sys
 
 from .errors import BlockdraftError
+from . import sampling as sampling_args
 from .models import DEFAULT_MODEL
 
 
@@ -33,6 +34,7 @@ def cmd_generate(args) -> None:
     from .methods import parse
 
     parse(args.method)  # checked before the model loads: a bad request costs nothing
+    sampling = sampling_args.from_arguments(args)
     if args.prompt == "-":  # the prompt from standard input (a file, a pipe, a here-document)
         args.prompt = sys.stdin.read()
     if not args.prompt.strip():
@@ -44,18 +46,22 @@ def cmd_generate(args) -> None:
     dec = _decoder(args)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     result = dec.generate(args.prompt, method=args.method, max_new_tokens=args.max_new_tokens, raw=args.raw,
-                          stop=tuple(args.stop or ()), system=args.system, on_text=stream)
+                          stop=tuple(args.stop or ()), system=args.system, on_text=stream,
+                          temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                          seed=sampling.seed)
     summary = {"text": result.text, "method": args.method, "model": dec.loaded.label, "heads": dec.heads_path,
                "new_tokens": result.new_tokens, "steps": result.steps,
                "block_efficiency": round(result.block_efficiency, 4), "seconds": round(result.seconds, 4),
                "tokens_per_s": round(result.new_tokens / result.seconds, 2) if result.seconds else 0.0,
-               "prefill_seconds": round(result.prefill_s, 4), "stop_reason": result.stop_reason}
+               "prefill_seconds": round(result.prefill_s, 4), "stop_reason": result.stop_reason,
+               "temperature": sampling.temperature, "seed": result.seed}
     if args.json:
         print(json.dumps(summary, ensure_ascii=False))
     else:
         print(f"\n\n[{args.method}] {summary['new_tokens']} tokens in {summary['steps']} steps "
               f"(block efficiency {summary['block_efficiency']:.2f}), {summary['seconds']:.2f} s, "
-              f"{summary['tokens_per_s']:.1f} tokens/s, stop: {summary['stop_reason']}", file=sys.stderr)
+              f"{summary['tokens_per_s']:.1f} tokens/s, stop: {summary['stop_reason']}"
+              + (f", seed {result.seed}" if result.seed is not None else ""), file=sys.stderr)
 
 
 def cmd_prompts(args) -> None:
@@ -192,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("generate", help="generate text greedily, losslessly accelerated by block drafts")
+    p = sub.add_parser("generate", help="generate text, losslessly accelerated by block drafts (greedy or sampled)")
     _model_args(p)
     p.add_argument("--prompt", required=True, help="the user message (chat template applied unless --raw); - reads it from stdin")
     p.add_argument("--system", default=None, help="a system message, through the model's chat template")
@@ -202,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
+    sampling_args.add_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("prompts", help="build the mixed training-prompt JSONL from the prompt corpora")

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Callable
 
+from ..sampling import add_arguments as add_sampling_arguments
 from .datasets import DEFAULT_PROMPTS, MT_BENCH, load_questions
 from .runner import RUNNERS, run_bench
 
@@ -35,7 +36,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     import blockdraft
     from ..methods import parse
+    from ..sampling import from_arguments
 
+    sampling = from_arguments(args)  # bad values fail before the model loads
     names = _names(args.methods) or []
     for name in names:  # a bad name fails before the model loads
         if name not in RUNNERS:
@@ -46,7 +49,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device,
                           offline=args.offline)
     results = run_bench(dec, questions, names, args.max_new_tokens, args.out,
-                        argv=_command(args), resume=args.resume, max_minutes=args.max_minutes)
+                        argv=_command(args), resume=args.resume, max_minutes=args.max_minutes, sampling=sampling)
     for name, entry in results["methods"].items():
         o = entry["overall"]
         speedup = f"{o['speedup_vs_ar']:.2f}x" if o["speedup_vs_ar"] is not None else "-"
@@ -76,4 +79,5 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
                    help="continue the run in --out (same command): keep its finished questions, measure the rest")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after the question that passes this budget and report what was measured")
+    add_sampling_arguments(p)  # under sampling every turn starts from --seed (default 0); peers are skipped
     p.set_defaults(func=cmd_bench)

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 BASELINE = "ar"
 
 
-def _summary(rows: list["TurnRecord"], ar: dict | None) -> dict:
-    """The metrics of one method over some prompt-turns (ar: the baseline's records by key)."""
+def _summary(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> dict:
+    """The metrics of one method over some prompt-turns (ar: the baseline's records by key; the
+    lossless rate compares ids only under greedy decoding, where they must be equal)."""
     new, steps, seconds = sum(len(r.ids) for r in rows), sum(r.steps for r in rows), sum(r.seconds for r in rows)
     ours = all(r.accepted is not None for r in rows)
     base = [ar[(r.question_id, r.turn)] for r in rows] if ar is not None else None
@@ -35,18 +36,18 @@ def _summary(rows: list["TurnRecord"], ar: dict | None) -> dict:
         "block_efficiency": new / steps if steps else None,
         "tokens_per_s": new / seconds if seconds else None,
         "speedup_vs_ar": sum(b.seconds for b in base) / seconds if base and seconds else None,
-        "lossless_rate": fmean(r.ids == b.ids for r, b in zip(rows, base)) if base else None,
+        "lossless_rate": fmean(r.ids == b.ids for r, b in zip(rows, base)) if base and greedy else None,
         "mean_accepted": fmean(a for r in rows for a in r.accepted) if ours and steps else None,
         "forward_seconds": sum(r.forward_s for r in rows) if ours else None,
         "draft_seconds": sum(r.draft_s for r in rows) if ours else None,
     }
 
 
-def _by_category(rows: list["TurnRecord"], ar: dict | None) -> dict:
+def _by_category(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> dict:
     """Fine categories in order of appearance, then the groups (mt_bench) that occur."""
     keys = list(dict.fromkeys(r.category for r in rows))
     keys += [g for g in GROUPS if any(group_of(k) == g for k in keys)]
-    return {k: _summary([r for r in rows if k in (r.category, group_of(r.category))], ar) for k in keys}
+    return {k: _summary([r for r in rows if k in (r.category, group_of(r.category))], ar, greedy) for k in keys}
 
 
 def _spec_bench(rows: list["TurnRecord"], base_rows: list["TurnRecord"] | None, count_tokens) -> dict:
@@ -65,10 +66,10 @@ def build(records: list["TurnRecord"], methods: list[str], memory: dict, environ
     ar = {(r.question_id, r.turn): r for r in records if r.method == BASELINE} if BASELINE in methods else None
     spec_base = specbench.baseline(methods)
     base_rows = [r for r in records if r.method == spec_base] if spec_base else None
-    per_method = {}
+    per_method, greedy = {}, not config.get("sampling")
     for name in methods:
         rows = [r for r in records if r.method == name]
-        per_method[name] = {"overall": _summary(rows, ar), "by_category": _by_category(rows, ar),
+        per_method[name] = {"overall": _summary(rows, ar, greedy), "by_category": _by_category(rows, ar, greedy),
                             "spec_bench": _spec_bench(rows, base_rows, count_tokens),
                             "added_memory_mb": memory[name]["added_memory_mb"], "memory": memory[name]}
     categories = {r.category: group_of(r.category) for r in records}
@@ -110,6 +111,11 @@ def markdown(results: dict) -> str:
              f"torch threads {env['torch_threads']}, python {env['python']}, "
              f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}",
              f"- {_measured(cfg)} questions, max {cfg['max_new_tokens']} new tokens, {cfg['order']}; {env['date']}"]
+    if cfg.get("sampling"):
+        sampling = cfg["sampling"]
+        lines.append(f"- sampling: temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p "
+                     f"{sampling['top_p']}, seed {sampling['seed']} for every turn (outputs are random: no lossless column; "
+                     "tests/test_sampling_engine.py checks the distribution)")
     lines += [f"- skipped {name}: {why}" for name, why in cfg["skipped"].items()]
     overall = [[m, _fmt(_cell(results, m, "overall", "block_efficiency")), _fmt(_cell(results, m, "overall", "tokens_per_s"), ".1f"),
                 _fmt(_cell(results, m, "overall", "speedup_vs_ar")), _fmt(_cell(results, m, "overall", "lossless_rate")),

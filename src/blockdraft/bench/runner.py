@@ -21,7 +21,7 @@ import shlex
 import sys
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import chain
 from pathlib import Path
 from typing import Callable
@@ -33,6 +33,7 @@ from ..api import Decoder
 from ..cpu import cpu_model
 from ..errors import BlockdraftError
 from ..models import gguf_file
+from ..sampling import Sampling
 from ..types import DecodeResult
 from . import report
 from .store import RecordStore
@@ -134,12 +135,14 @@ def _cut(ids: list[int], stop: tuple[int, ...]) -> list[int]:
     return next((ids[: i + 1] for i, t in enumerate(ids) if t in stop), ids)
 
 
-def _engine(decoder: Decoder, name: str) -> TurnFn:
-    """Our engine with any method blockdraft.methods knows (ar, bpd, bpd-ngram-p16, ...)."""
+def _engine(decoder: Decoder, name: str, sampling: Sampling = Sampling()) -> TurnFn:
+    """Our engine with any method blockdraft.methods knows (ar, bpd, bpd-ngram-p16, ...); under
+    sampling every turn starts from sampling.seed, so a run repeats exactly."""
     decoder.build(name)  # fail before the run: unknown name, missing heads or resources
+    settings = asdict(sampling)
 
     def run(ids: list[int], max_new_tokens: int) -> Turn:
-        result = decoder.generate(ids=ids, method=name, max_new_tokens=max_new_tokens)
+        result = decoder.generate(ids=ids, method=name, max_new_tokens=max_new_tokens, **settings)
         return Turn(result.ids, setup_calls=1 if len(ids) > 1 else 0, result=result)
 
     return run
@@ -212,12 +215,14 @@ RUNNERS: dict[str, Setup] = {"hf-greedy": _hf, "hf-pld": _hf_pld, "llamacpp": _l
                              "llamacpp-pld": _llamacpp_pld}  # any other name: our engine
 
 
-def setup(decoder: Decoder, methods: list[str]) -> tuple[dict[str, TurnFn], dict[str, str]]:
-    """Runners by method name, and the skipped methods with the reason."""
+def setup(decoder: Decoder, methods: list[str], sampling: Sampling = Sampling()) -> tuple[dict[str, TurnFn], dict[str, str]]:
+    """Runners by method name, and the skipped methods with the reason (the peers decode greedily only)."""
     runners, skipped = {}, {}
     for name in methods:
         try:
-            runners[name] = RUNNERS.get(name, _engine)(decoder, name)
+            if name in RUNNERS and not sampling.greedy:
+                raise Unavailable("this peer runs greedy decoding only; sampling runs blockdraft's engine")
+            runners[name] = RUNNERS[name](decoder, name) if name in RUNNERS else _engine(decoder, name, sampling)
         except Unavailable as exc:
             print(f"[blockdraft] bench: skipping {name}: {exc}", file=sys.stderr)
             skipped[name] = str(exc)
@@ -391,11 +396,13 @@ def environment(decoder: Decoder, threads: int) -> dict:
 
 def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str, max_new_tokens: int,
               out_dir: str | Path, argv: list[str] | None = None, resume: bool = False,
-              max_minutes: float | None = None) -> dict:
+              max_minutes: float | None = None, sampling: Sampling = Sampling()) -> dict:
     """Benchmark methods on questions; writes results.json, results.md, plots and answers to
     out_dir and returns the results dict. Measurements go to out_dir/records.jsonl question by
     question: resume=True continues a stopped run of the same command; max_minutes stops after
-    the question that passes the budget, and the report covers the questions measured."""
+    the question that passes the budget, and the report covers the questions measured. Under
+    sampling (temperature > 0) every turn samples from sampling.seed (0 when none is given), the
+    peers are skipped, and the lossless rate is not reported (outputs are random)."""
     names = list(dict.fromkeys(m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)
                                if m.strip()))
     if not questions or not names:
@@ -404,8 +411,11 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
         raise BlockdraftError(f"max_new_tokens must be positive, got {max_new_tokens}")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
     threads = torch.get_num_threads()
-    runners, skipped = setup(decoder, names)
+    if not sampling.greedy and sampling.seed is None:
+        sampling = replace(sampling, seed=0)
+    runners, skipped = setup(decoder, names, sampling)
     identity = {"methods": list(runners), "max_new_tokens": max_new_tokens, "model": decoder.loaded.name,
+                "sampling": None if sampling.greedy else asdict(sampling),
                 "heads": decoder.heads_path, "dtype": str(decoder.loaded.model.dtype),
                 "questions": [[q["question_id"], len(q["turns"])] for q in questions]}
     store = RecordStore(Path(out_dir), identity, resume)
@@ -419,6 +429,7 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
     records, measured = store.records, [q for q in questions if q["question_id"] in store.done]
     memory = {n: added_memory(decoder, n, _peak_tree_nodes(records, n)) for n in runners}
     config = {"methods": list(runners), "skipped": skipped, "max_new_tokens": max_new_tokens,
+              "sampling": None if sampling.greedy else asdict(sampling),
               "questions": len(measured), "questions_asked": len(questions),
               "resumed_questions": len(store.resumed),
               "warmup_tokens": min(WARMUP_TOKENS, max_new_tokens),

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import BlockdraftError
+from ..sampling import add_arguments as add_sampling_arguments, from_arguments
 
 __all__ = ["BackgroundServer", "Service", "add_parser", "bind", "cmd_serve", "create_app"]
 
@@ -92,12 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .app import Service, create_app
 
     parse(args.method)  # a bad name fails before the model loads
+    sampling = from_arguments(args)
     if args.max_new_tokens <= 0:
         raise BlockdraftError(f"max_new_tokens must be positive, got {args.max_new_tokens}")
     sock = bind(args.host, args.port)
     dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device,
                           offline=args.offline)
-    service = Service(dec, args.model_id or args.model, args.method, args.max_new_tokens)
+    service = Service(dec, args.model_id or args.model, args.method, args.max_new_tokens, sampling)
     service.check_ready()
     print(f"blockdraft: serving {dec.loaded.label} as {service.model_id!r} (method {args.method}) at {_url(sock)}; "
           "one request at a time", flush=True)
@@ -116,6 +118,7 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="answer length for requests without max_tokens (default: %(default)s, as generate)")
     p.add_argument("--model-id", default=None, help="the model name clients send and /v1/models lists (default: --model)")
+    add_sampling_arguments(p)  # the defaults of requests that leave temperature, top_k, top_p or seed out
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import BlockdraftError
 from ..prompting import encode_messages
+from ..sampling import Sampling
 from ..types import DecodeResult
 from .schema import ApiError, ChatRequest, CompletionRequest
 
@@ -39,6 +40,7 @@ class Job:
     method: str
     max_new_tokens: int
     stop: tuple[str, ...]
+    sampling: Sampling
 
 
 class _Cancelled(Exception):
@@ -48,8 +50,10 @@ class _Cancelled(Exception):
 class Service:
     """The decoder behind the API, used by one request at a time."""
 
-    def __init__(self, decoder, model_id: str, method: str = "fast", max_new_tokens: int = 128):
+    def __init__(self, decoder, model_id: str, method: str = "fast", max_new_tokens: int = 128,
+                 sampling: Sampling = Sampling()):
         self.decoder, self.model_id, self.method, self.max_new_tokens = decoder, model_id, method, max_new_tokens
+        self.sampling = sampling  # for requests that leave temperature, top_k, top_p or seed out
         self.lock = threading.Lock()
         self.created = int(time.time())
 
@@ -64,6 +68,7 @@ class Service:
             raise ApiError(404, f"model {request.model!r} is not served here; this server serves {self.model_id!r}",
                            param="model", code="model_not_found")
         request.refuse_unsupported()
+        sampling = request.sampling(self.sampling)
         limit = self.decoder.target.max_positions
         if len(ids) >= limit:
             raise ApiError(400, f"the prompt has {len(ids)} tokens but the model's context holds {limit}",
@@ -75,13 +80,14 @@ class Service:
                 self.decoder.parts(self.decoder.spec(method))
         except BlockdraftError as exc:
             raise ApiError(400, str(exc), param="method") from None
-        return Job(ids, method, request.budget() or self.max_new_tokens, request.stops())
+        return Job(ids, method, request.budget() or self.max_new_tokens, request.stops(), sampling)
 
     def run(self, job: Job, on_text: Callable[[str], None] | None = None) -> DecodeResult:
         with self.lock:
             try:
                 return self.decoder.generate(ids=job.ids, method=job.method, max_new_tokens=job.max_new_tokens,
-                                             stop=job.stop, on_text=on_text)
+                                             stop=job.stop, on_text=on_text, temperature=job.sampling.temperature,
+                                             top_k=job.sampling.top_k, top_p=job.sampling.top_p, seed=job.sampling.seed)
             except BlockdraftError as exc:
                 raise ApiError(400, str(exc)) from None
 
@@ -94,7 +100,7 @@ def _usage(job: Job, result: DecodeResult) -> dict:
 def _stats(job: Job, result: DecodeResult) -> dict:
     """blockdraft's own figures, beside OpenAI's fields (clients ignore unknown keys)."""
     return {"method": job.method, "steps": result.steps, "block_efficiency": round(result.block_efficiency, 4),
-            "stop_reason": result.stop_reason}
+            "stop_reason": result.stop_reason, "seed": result.seed}
 
 
 def _sse(data: dict | str) -> str:

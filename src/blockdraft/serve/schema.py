@@ -1,14 +1,19 @@
-"""OpenAI-compatible request bodies (pydantic), and the refusals of what greedy decoding cannot do.
+"""OpenAI-compatible request bodies (pydantic), and the refusals of what blockdraft cannot honour.
 
-Fields that do not change the answer (user, seed, stream_options...) are accepted; fields whose
-non-default values would (n > 1, penalties, logprobs, temperature > 0 until sampling is wired)
-are refused with a 400 naming the field, rather than silently ignored.
+temperature, top_p, seed (and top_k, as vLLM accepts it) choose the sampling; absent ones take the
+server's defaults (greedy unless `serve --temperature` says otherwise). Fields that do not change
+the answer (user, stream_options...) are accepted; fields whose non-default values would (n > 1,
+penalties, logit_bias, logprobs) are refused with a 400 naming the field, rather than ignored.
 """
 from __future__ import annotations
 
+from dataclasses import astuple
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import BlockdraftError
+from ..sampling import Sampling, parse_sampling
 
 
 class ApiError(Exception):
@@ -50,6 +55,7 @@ class _Request(BaseModel):
     stream_options: dict | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
     seed: int | None = None
     n: int | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -64,20 +70,24 @@ class _Request(BaseModel):
             raise ApiError(400, "stop strings must not be empty", param="stop")
         return tuple(stops)
 
+    def sampling(self, default: Sampling) -> Sampling:
+        """The request's sampling settings; what it leaves out comes from the server's `default`."""
+        values = {name: getattr(self, name) for name in ("temperature", "top_k", "top_p", "seed")}
+        try:
+            return parse_sampling(*(default_value if values[name] is None else values[name]
+                                    for name, default_value in zip(values, astuple(default))))
+        except BlockdraftError as exc:
+            raise ApiError(400, str(exc), param=str(exc).split()[0].replace("-", "_")) from None
+
     def refuse_unsupported(self) -> None:
-        """400 for settings greedy decoding would silently not honour."""
-        if self.temperature:
-            raise ApiError(400, "sampling is not supported yet: temperature must be 0 or absent (greedy decoding)",
-                           param="temperature")
-        if self.top_p is not None and self.top_p < 1:
-            raise ApiError(400, "sampling is not supported yet: top_p must be 1 or absent", param="top_p")
+        """400 for settings blockdraft would silently not honour."""
         if (self.n or 1) > 1:
             raise ApiError(400, "n > 1 is not supported: one choice per request", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
-                raise ApiError(400, f"{name} is not supported (lossless greedy decoding)", param=name)
+                raise ApiError(400, f"{name} is not supported (it would change the model's distribution)", param=name)
         if self.logit_bias:
-            raise ApiError(400, "logit_bias is not supported (lossless greedy decoding)", param="logit_bias")
+            raise ApiError(400, "logit_bias is not supported (it would change the model's distribution)", param="logit_bias")
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
