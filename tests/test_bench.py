@@ -227,13 +227,44 @@ def test_resume_measures_only_the_unfinished_questions(decoder, tmp_path):
 
 def test_a_folder_of_another_run_is_refused(decoder, tmp_path):
     run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path)
-    with pytest.raises(BlockdraftError, match="already holds a bench run: pass --resume"):
+    with pytest.raises(BlockdraftError, match="is not empty .*--resume continues the run there"):
         run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path)
     with pytest.raises(BlockdraftError, match="other methods, max_new_tokens"):
         run_bench(decoder, QUESTIONS[1:2], ["bpd"], 5, tmp_path, resume=True)
     (tmp_path / "run.json").unlink()  # records of a run that predates run.json: never overwritten
-    with pytest.raises(BlockdraftError, match="cannot be resumed"):
+    with pytest.raises(BlockdraftError, match="holds no run to resume"):
         run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path, resume=True)
+
+
+def test_user_files_are_never_overwritten(decoder, tmp_path):
+    """A folder holding anything a bench run does not write is refused, with --resume too; nothing is touched."""
+    (tmp_path / "results.md").write_text("my notes")
+    (tmp_path / "answers").mkdir()
+    for resume in (False, True):
+        with pytest.raises(BlockdraftError, match="is not empty|holds no run to resume"):
+            run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path, resume=resume)
+    assert (tmp_path / "results.md").read_text() == "my notes" and not (tmp_path / "records.jsonl").exists()
+    (tmp_path / "mine.txt").write_text("x")
+    with pytest.raises(BlockdraftError, match="mine.txt"):
+        run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path, resume=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BlockdraftError, match="is a file"):
+        run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path / "file")
+
+
+def test_two_runs_cannot_write_one_folder(decoder, tmp_path):
+    from blockdraft.outdir import LOCK, FolderLock
+
+    with FolderLock(tmp_path / "run"):
+        for name in ("records.jsonl", "run.json"):
+            (tmp_path / "run" / name).write_text("")
+        with pytest.raises(BlockdraftError, match="another run .* is writing"):
+            run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path / "run", resume=True)
+        for name in ("records.jsonl", "run.json"):
+            (tmp_path / "run" / name).unlink()
+    (tmp_path / "run" / LOCK).write_text("999999999\n")  # left by a process that is gone: taken over
+    run_bench(decoder, QUESTIONS[1:2], ["ar"], 4, tmp_path / "run")
+    assert not (tmp_path / "run" / LOCK).exists()
 
 
 def test_time_budget_stops_after_a_question_and_reports_it(decoder, tmp_path, capsys):

@@ -103,17 +103,17 @@ def test_packed_drafting_equals_the_modules_and_follows_weight_changes(tiny_mode
     plain_head = model.get_output_embeddings()
     hidden = torch.randn(model.config.hidden_size)
     want, _ = heads.draft_logits(hidden, plain_head, next_token=7)
-    assert not heads.draft_rows.is_mkldnn
+    assert not heads.draft_rows.rows.is_mkldnn
     use_onednn_linears(model)
     packed_head = model.get_output_embeddings()
     assert isinstance(packed_head, OneDNNLinear)
     got, _ = heads.draft_logits(hidden, packed_head, next_token=7)
-    assert heads.draft_rows.is_mkldnn == packs and (not packs or heads.draft_block0.is_mkldnn)
+    assert heads.draft_rows.rows.is_mkldnn == packs and (not packs or heads.draft_block0.is_mkldnn)
     torch.testing.assert_close(got, want, **tol)
     with torch.no_grad():
         heads.blocks[0].weight.mul_(2)
     again, _ = heads.draft_logits(hidden, packed_head, next_token=7)
     expected, _ = heads.draft_logits(hidden, plain_head, next_token=7)
-    assert not heads.draft_rows.is_mkldnn  # back on the plain head: dense rows again
+    assert not heads.draft_rows.rows.is_mkldnn  # back on the plain head: dense rows again
     torch.testing.assert_close(again, expected, **tol)
     assert not torch.allclose(again, got, **tol)

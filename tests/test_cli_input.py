@@ -7,17 +7,9 @@ import torch
 
 import blockdraft
 from blockdraft.cli import main
-from blockdraft.testing import random_heads, tiny_llama, tiny_tokenizer
+from blockdraft.testing import random_heads, tiny_llama
 
 PROMPT = "write a short poem about the sky"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli") / "tiny"
-    tiny_llama(4, dtype=torch.float32).save_pretrained(folder)
-    tiny_tokenizer(64).save_pretrained(folder)
-    return folder
 
 
 def _generate(model_dir, capsys, *extra: str) -> dict:
@@ -77,3 +69,27 @@ def test_bad_sampling_values_are_one_line_before_loading(flag, value, capsys):
     assert main(["generate", "--model", "/no/such/model", "--prompt", PROMPT, flag, value]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and flag.lstrip("-").replace("-", "") in err.replace("-", "") and "/no/such" not in err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["generate"], "the following arguments are required: --prompt"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "many"], "invalid int value"),
+    (["nonsense"], "invalid choice"),
+    (["bench", "--out", "x", "--limit", "-1"], "--limit must be a whole number >= 1"),
+    (["bench", "--out", "x", "--per-category", "0"], "--per-category must be a whole number >= 1"),
+])
+def test_usage_errors_are_one_line(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_analyze_refuses_a_folder_that_holds_files_before_loading(tmp_path, capsys):
+    (tmp_path / "analysis.md").write_text("my analysis")
+    assert main(["analyze", "--model", "/no/such/model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "/no/such" not in err and (tmp_path / "analysis.md").read_text() == "my analysis"

@@ -1,6 +1,6 @@
 """Losslessness at the context limit: no method commits a token past the model's context.
 
-Prompts end 1..60 tokens before a shrunk context; every drafter (plain, chained and feature
+Prompts end 1..60 tokens before a shrunk context; every drafter (plain and chained
 heads, none) and refiner (argmax, p-best 0-gram and n-gram, neural, lookup, sized, context
 drafts), chains and trees, must return exactly `ar`'s ids and fill the context, no more.
 Scripted right drafts cover every gap in the quick suite; the methods cover a spread of gaps
@@ -20,7 +20,7 @@ from blockdraft.models import LoadedModel
 from blockdraft.refine.base import ArgmaxRefiner
 from blockdraft.refine.ngram import train_ngram
 from blockdraft.target import TargetModel
-from blockdraft.testing import (FixedDepthDrafter, ScriptedRefiner, random_feature_head, random_heads,
+from blockdraft.testing import (FixedDepthDrafter, ScriptedRefiner, random_heads,
                                 reference_greedy, tiny_llama, tiny_tokenizer)
 
 LIMIT = 96  # the shrunk context
@@ -79,7 +79,7 @@ def test_scripted_drafts_stop_at_the_context(model, greedy, fast_path, wrong_at,
 
 @pytest.fixture(scope="module")
 def decoders(model, tmp_path_factory):
-    """Decoders over the shrunk model with plain, chained and feature heads, an n-gram LM and a rescorer."""
+    """Decoders over the shrunk model with plain and chained heads, an n-gram LM and a rescorer."""
     folder = tmp_path_factory.mktemp("edge")
     rng = random.Random(0)
     ngram = folder / "ngram.npz"
@@ -89,10 +89,9 @@ def decoders(model, tmp_path_factory):
     (rescorer / "rescorer.json").write_text(json.dumps({"alpha": {"default": 1.0}}))
     loaded = LoadedModel(model, tiny_tokenizer(64), "tiny-edge")
     out = {}
-    for name, heads in [("heads", random_heads(model, 4, 1)), ("chained", random_heads(model, 5, 2, chain=True)),
-                        ("feature", random_feature_head(model, 3, 3))]:
+    for name, heads in [("heads", random_heads(model, 4, 1)), ("chained", random_heads(model, 5, 2, chain=True))]:
         dec = Decoder(loaded, heads, None)
-        dec.ngram_path, dec.rescorer_path = ngram, rescorer
+        dec.use_refiner_files(ngram=ngram, rescorer=rescorer)
         out[name] = dec
     return out
 
@@ -101,7 +100,7 @@ METHODS = ["ar", "bpd", "bpd-full", "lookup", "bpd-0gram-p4", "bpd-ngram-p4", "b
            "bpd-ctx", "bpd-ngram-p4-ctx", "fast"]
 
 
-CASES = [(m, h) for m in METHODS for h in (["heads", "chained", "feature"] if m not in ("ar", "lookup") else ["heads"])]
+CASES = [(m, h) for m in METHODS for h in (["heads", "chained"] if m not in ("ar", "lookup") else ["heads"])]
 
 
 def _check_methods(decoders, greedy, method, heads, gaps):

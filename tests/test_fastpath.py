@@ -51,8 +51,8 @@ def test_logits_equal_transformers(dtype, seed, onednn):
 
 def test_cache_grows_past_its_first_capacity():
     model = tiny_llama(1, torch.float64, max_positions=256)
-    target = TargetModel(model)
-    target.runner.capacity = 4
+    target = TargetModel(model, cache_capacity=4)
+    assert target.runner.capacity == 4
     prompt = list(range(3, 12))
     drafter = HeadsDrafter(random_heads(model, 3, 1), model.get_output_embeddings())
     got = generate(target, drafter, ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=40))

@@ -191,11 +191,11 @@ def test_decoder_runs_every_preset(name, tmp_path, monkeypatch):
     rng = random.Random(0)
     lm = train_ngram([[rng.randrange(64) for _ in range(20)] for _ in range(100)], 3, vocab_size=64)
     lm.save(tmp_path / "lm.npz")
-    dec.ngram_path = tmp_path / "lm.npz"
+    dec.use_refiner_files(ngram=tmp_path / "lm.npz")
     model = tiny_llama(12, torch.float32)
     model.save_pretrained(tmp_path / "rescorer")
     (tmp_path / "rescorer" / "rescorer.json").write_text('{"alpha": {"default": 1.0}}')
-    dec.rescorer_path = tmp_path / "rescorer"
+    dec.use_refiner_files(rescorer=tmp_path / "rescorer")
     prompt = _prompt(2)
     want = dec.generate(ids=prompt, method="ar", max_new_tokens=20)
     got = dec.generate(ids=prompt, method=name, max_new_tokens=20)

@@ -158,7 +158,7 @@ def test_train_heads_saves_resumes_and_refuses_mismatch(loaded, tmp_path):
 
 def test_ngram_training_and_tuning_run_on_distilled_data(loaded, tmp_path):
     from blockdraft.api import Decoder
-    from blockdraft.refine.tune import heldout_records, tune_alpha
+    from blockdraft.train.tune import heldout_records, tune_alpha
     from blockdraft.testing import random_heads
     from blockdraft.train.ngram import train_ngram_on_distill
 
@@ -167,28 +167,9 @@ def test_ngram_training_and_tuning_run_on_distilled_data(loaded, tmp_path):
     lm = train_ngram_on_distill(data, 3, 0, tmp_path / "lm.npz")
     assert lm.vocab_size == 64 and lm.order == 3
     dec = Decoder(loaded, random_heads(loaded.model, 3), None)
-    dec.ngram_path = tmp_path / "lm.npz"
+    dec.use_refiner_files(ngram=tmp_path / "lm.npz")
     records = heldout_records(data, per_domain=5)
     assert records and all(r["domain"] == "writing" for r in records)
     report = tune_alpha(dec, records, "ngram", grid=(0.1, 1.0), topk=4)
     assert set(report["alpha"]) == {"writing", "default"} and len(report["curve"]["default"]) == 2
     assert all(c >= 1.0 for c in report["curve"]["default"])
-
-
-def test_feature_head_learns_a_deterministic_answer(loaded, tmp_path):
-    """Answers that repeat one pattern: the trained feature head predicts it, from true and from its own features."""
-    import torch
-
-    from blockdraft.feature_head import FeatureHead
-    from blockdraft.train.feature_head import FeatureTrainConfig, train_feature_head
-
-    data = _pattern_data(loaded, tmp_path / "d")
-    torch.manual_seed(0)
-    cfg = FeatureTrainConfig(num_heads=3, epochs=40, batch_positions=128, lr=1e-2, heldout=0.2, draft_vocab=32)
-    _, report = train_feature_head(loaded, data, tmp_path / "fh", cfg)
-    assert report["top1_first"] > 0.5 and report["top1_second"] > 0.5, report  # chance is 1/32
-    saved = load_heads(tmp_path / "fh")
-    assert isinstance(saved, FeatureHead) and saved.config.draft_vocab_size == 32 and saved.num_heads == 3
-    random_heads(loaded.model, 2).save(tmp_path / "bpd")
-    with pytest.raises(BlockdraftError, match="holds BPD heads, not a feature head"):
-        train_feature_head(loaded, data, tmp_path / "fh2", cfg, init=str(tmp_path / "bpd"))

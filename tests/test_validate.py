@@ -12,7 +12,7 @@ from blockdraft.heads import load_heads
 from blockdraft.models import load_model
 from blockdraft.refine.neural import load_rescorer
 from blockdraft.refine.ngram import NgramLM, train_ngram
-from blockdraft.testing import random_feature_head, random_heads, tiny_llama, tiny_tokenizer
+from blockdraft.testing import random_heads, tiny_llama, tiny_tokenizer
 
 
 def one_line(call, *pattern: str) -> str:
@@ -88,45 +88,30 @@ def model():
     return tiny_llama(0)
 
 
-def _saved_heads(model, folder, feature=False):
-    heads = random_feature_head(model, 3) if feature else random_heads(model, 3, chain=True)
+def _saved_heads(model, folder):
+    heads = random_heads(model, 3, chain=True)
     heads.set_draft_vocab(torch.tensor([1, 5, 9, 33]))
     heads.save(folder, dtype=torch.float32)
     return folder
 
 
-@pytest.mark.parametrize("feature", [False, True], ids=["bpd-heads", "feature-head"])
 @pytest.mark.parametrize(("edit", "words"), [c[1:] for c in HEADS_STATE], ids=[c[0] for c in HEADS_STATE])
-def test_corrupt_head_weights(model, tmp_path, feature, edit, words):
-    folder = _saved_heads(model, tmp_path / "h", feature)
+def test_corrupt_head_weights(model, tmp_path, edit, words):
+    folder = _saved_heads(model, tmp_path / "h")
     state = load_file(str(folder / "heads.safetensors"))
     words = words + edit(state)
     save_file(state, str(folder / "heads.safetensors"))
     one_line(lambda: load_heads(folder), "corrupt", "heads.safetensors", *words)
 
 
-@pytest.mark.parametrize("feature", [False, True], ids=["bpd-heads", "feature-head"])
 @pytest.mark.parametrize(("edit", "words"), [c[1:] for c in HEADS_CONFIG], ids=[c[0] for c in HEADS_CONFIG])
-def test_corrupt_head_configs(model, tmp_path, feature, edit, words):
-    folder = _saved_heads(model, tmp_path / "h", feature)
+def test_corrupt_head_configs(model, tmp_path, edit, words):
+    folder = _saved_heads(model, tmp_path / "h")
     raw = json.loads((folder / "config.json").read_text())
     raw = edit(raw)
-    if isinstance(raw, dict) and raw.get("format") != "medusa" and feature and "chain" in raw:
-        raw["prompt_context"] = raw.pop("chain")  # the feature head's boolean field
-        words = [w.replace("chain", "prompt_context") for w in words]
     (folder / "config.json").write_text(json.dumps(raw))
     where = "heads.safetensors" if words[0].startswith("draft_vocab has") else "config.json"  # the layout is the weights'
     one_line(lambda: load_heads(folder), "corrupt", where, *words)
-
-
-def test_feature_head_sizes_the_layers_can_take(model, tmp_path):
-    folder = _saved_heads(model, tmp_path / "h", feature=True)
-    for value, words in [(0, "attention_heads must be positive"), (5, "does not split into 5"), ("x", "must be int")]:
-        raw = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**raw, "attention_heads": value}))
-        one_line(lambda: load_heads(folder), "config.json", words)
-        (folder / "config.json").write_text(json.dumps(raw))
-    assert load_heads(folder).config.attention_heads == 4
 
 
 def test_truncated_and_binary_head_files(model, tmp_path):

@@ -14,7 +14,6 @@ import torch
 from .drafting import Drafter
 from .engine import DecodeConfig, generate
 from .errors import BlockdraftError
-from .feature_head import FeatureHead
 from .heads import DraftHeads, load_heads
 from .methods import MethodSpec, Parts, build, settle, to_spec
 from .models import ALIASES, DEFAULT_MODEL, LoadedModel, load_model
@@ -50,21 +49,30 @@ class Decoder:
     the caller already has).
     """
 
-    def __init__(self, loaded: LoadedModel, heads: DraftHeads | FeatureHead | None, heads_path: str | None,
+    def __init__(self, loaded: LoadedModel, heads: DraftHeads | None, heads_path: str | None,
                  method: str | MethodSpec = "fast", lm_head: torch.nn.Module | None = None):
         self.loaded, self.heads, self.heads_path = loaded, heads, heads_path
         self.method = method  # generate()'s method when it is given none
         self.target = TargetModel(loaded.model, lm_head=lm_head)
         self.swapped_linears = 0  # nn.Linear layers of loaded.model swapped in place (blockdraft.load; undone by release)
+        self.replaced_attention: str | None = None  # the attention implementation blockdraft.load replaced
         self.released = False
         self.ngram_path = shipped_refiner(loaded.alias, "ngram.npz")
         self.rescorer_path = shipped_refiner(loaded.alias, "rescorer")
         self._ngram = self._rescorer = self._cost = None
 
+    def use_refiner_files(self, ngram: str | Path | None = None, rescorer: str | Path | None = None) -> None:
+        """Read the n-gram LM and/or the neural rescorer from these files from now on (instead of
+        the shipped ones); each is loaded on first use."""
+        if ngram is not None:
+            self.ngram_path, self._ngram = Path(ngram), None
+        if rescorer is not None:
+            self.rescorer_path, self._rescorer = Path(rescorer), None
+
     def cost_curve(self):
         """The target's forward time per input size on this machine (for sized drafts); measured
         once per model, device, dtype, thread count, CPU and decoder body, then read from the cache folder."""
-        from .cpu import LINEAR_PATH, cpu_model
+        from .cpu import cpu_model, linear_path
         from .models import cache_root
         from .sizing import cached_cost_curve
 
@@ -72,7 +80,7 @@ class Decoder:
             weight = self.target.lm_head.weight
             key = {"model": self.loaded.alias or self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
                    "dtype": str(weight.dtype), "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": LINEAR_PATH,
+                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": linear_path(),
                    "body": self.target.path}
             self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves")
         return self._cost
@@ -83,7 +91,7 @@ class Decoder:
 
         if self._ngram is None:
             if self.ngram_path is None:
-                raise BlockdraftError(f"no n-gram LM for {self.loaded.name!r}: train one with `blockdraft train-ngram` and set Decoder.ngram_path")
+                raise BlockdraftError(f"no n-gram LM for {self.loaded.name!r}: train one with `blockdraft train-ngram` and pass it to Decoder.use_refiner_files")
             self._ngram = NgramLM.load(self.ngram_path, vocab_size=self.target.lm_head.weight.shape[0])
         return self._ngram
 
@@ -93,7 +101,7 @@ class Decoder:
 
         if self._rescorer is None:
             if self.rescorer_path is None:
-                raise BlockdraftError(f"no rescorer for {self.loaded.name!r}: train one with `blockdraft train-rescorer` and set Decoder.rescorer_path")
+                raise BlockdraftError(f"no rescorer for {self.loaded.name!r}: train one with `blockdraft train-rescorer` and pass it to Decoder.use_refiner_files")
             self._rescorer = load_rescorer(self.rescorer_path, self.loaded.fingerprint,
                                           vocab_size=self.target.lm_head.weight.shape[0])
         return self._rescorer
@@ -102,20 +110,13 @@ class Decoder:
     def tokenizer(self):
         return self.loaded.tokenizer
 
-    def require_heads(self) -> DraftHeads | FeatureHead:
+    def require_heads(self) -> DraftHeads:
         if self.heads is None:
             raise BlockdraftError(
                 f"no draft heads for model {self.loaded.name!r}: pass --heads PATH (train them with "
                 "`blockdraft train-heads`) or use --method ar or lookup"
             )
         return self.heads
-
-    def require_bpd_heads(self, purpose: str) -> DraftHeads:
-        """The loaded heads when they are BPD heads (teacher-forced scoring reads them in parallel)."""
-        heads = self.require_heads()
-        if not isinstance(heads, DraftHeads):
-            raise BlockdraftError(f"{purpose} needs BPD draft heads (`blockdraft train-heads`), not a feature head: pass --heads")
-        return heads
 
     def spec(self, method: str | MethodSpec) -> MethodSpec:
         """The concrete spec of a method name or spec for what this decoder has loaded (see methods.settle)."""
@@ -148,7 +149,7 @@ class Decoder:
         return encode_chat(self.tokenizer, turns, answers, raw=raw, system=system)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer, heads: str | DraftHeads | FeatureHead | None = "default",
+    def from_model(cls, model: torch.nn.Module, tokenizer, heads: str | DraftHeads | None = "default",
                    method: str | MethodSpec = "fast", onednn: bool = True, name: str | None = None) -> "Decoder":
         """A Decoder around a transformers causal LM and tokenizer the caller already loaded.
 
@@ -159,7 +160,7 @@ class Decoder:
         eval mode (`model.eval()`), as from_pretrained returns it.
 
         heads: "default" (the shipped heads when the model's weights are a known alias's), a
-        heads folder, a DraftHeads / FeatureHead object, or None (then `ar`, `lookup` and
+        heads folder, a DraftHeads object, or None (then `ar`, `lookup` and
         `fast`, which falls back to lookup, work). `method` is generate()'s default.
         """
         from .cpu import OneDNNLinear, can_pack
@@ -183,11 +184,13 @@ class Decoder:
         """Give the model back as it was: undo in-place changes (blockdraft.load swaps a CPU float32
         model's nn.Linear layers for oneDNN ones) and drop the private packed copies of its
         weights. The Decoder cannot generate afterwards."""
-        from .cpu import restore_linears
+        from .cpu import restore_attention, restore_linears
 
         if self.swapped_linears:
             restore_linears(self.loaded.model)
             self.swapped_linears = 0
+        restore_attention(self.loaded.model, self.replaced_attention)
+        self.replaced_attention = None
         self.target = None
         self._cost = None
         self.released = True
@@ -218,6 +221,7 @@ class Decoder:
         spec = self.spec(method if method is not None else self.method)  # a bad name fails before any work
         sampling = parse_sampling(temperature, top_k, top_p, seed)
         stop = _stop_strings(stop)
+        _check_types(prompt, ids, answers, system, max_new_tokens, self.target.lm_head.weight.shape[0])
         if ids is None:
             if prompt is None:
                 raise BlockdraftError("give a prompt or ids")
@@ -238,6 +242,35 @@ class Decoder:
         if text is not None:
             text.finish(result.text)
         return result
+
+
+def _check_types(prompt: object, ids: object, answers: object, system: object, max_new_tokens: object,
+                 vocab_size: int) -> None:
+    """One line for a request the engine cannot take: wrong types, ids outside the vocabulary, text
+    that is not valid UTF-8 (a lone surrogate from an undecodable byte)."""
+    def text(name: str, value: object) -> None:
+        if not isinstance(value, str):
+            raise BlockdraftError(f"{name} must be text, got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BlockdraftError(f"{name} is not valid UTF-8 text (an undecodable byte at character {exc.start})") from None
+
+    if prompt is not None:
+        turns = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(turns, (list, tuple)) or not turns:
+            raise BlockdraftError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+        for turn in turns:
+            text("prompt", turn)
+    for turn in answers or ():
+        text("answers", turn)
+    if system is not None:
+        text("system", system)
+    if ids is not None and (not isinstance(ids, (list, tuple)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids)):
+        raise BlockdraftError(f"ids must be a list of token ids in [0, {vocab_size})")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise BlockdraftError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
 
 
 def _stop_strings(stop: object) -> tuple[str, ...]:
@@ -291,14 +324,14 @@ class _TextDeltas:
             self.shown = text
 
 
-def _draft_heads(loaded: LoadedModel, heads, cpu_fast_path: bool) -> tuple[DraftHeads | FeatureHead | None, str | None]:
+def _draft_heads(loaded: LoadedModel, heads, cpu_fast_path: bool) -> tuple[DraftHeads | None, str | None]:
     """The drafter weights for `loaded`: "default" (the shipped heads of its alias), a folder, an
     object, or None; checked against the model's sizes and weights. Heads loaded from a folder
     run in bfloat16 where the CPU has native bfloat16 (drafts only propose; the target verifies
     in its own dtype, so the output is unchanged)."""
     from .cpu import fast_bfloat16
 
-    if isinstance(heads, (DraftHeads, FeatureHead)):
+    if isinstance(heads, DraftHeads):
         heads.check_compatible(loaded.model, loaded.fingerprint)
         return heads, None
     if heads == "default":
@@ -323,18 +356,18 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
 
     onednn=True runs a CPU float32 model's linear layers through oneDNN (blockdraft.cpu): the
     same math with kernels that are 1.4-2x faster here, for every method alike, HF generate
-    included. The swap is made in place on the model this call loads (`dec.loaded.model`);
-    `dec.release()` undoes it. Draft heads run in bfloat16 where the CPU has native bfloat16.
+    included; masked attention runs on the grouped key/value heads (blockdraft.cpu.grouped_kv_sdpa).
+    Both changes are made in place on the model this call loads (`dec.loaded.model`);
+    `dec.release()` undoes them. Draft heads run in bfloat16 where the CPU has native bfloat16.
     """
     from .cpu import attend_with_grouped_kv, use_onednn_linears
 
     loaded = load_model(model, dtype, device, offline)
     cpu_fast_path = onednn and loaded.device.type == "cpu"
     draft_heads, path = _draft_heads(loaded, heads, cpu_fast_path)
-    swapped = 0
-    if cpu_fast_path:
-        swapped = use_onednn_linears(loaded.model)
-        attend_with_grouped_kv()
+    swapped, replaced = 0, None
+    if cpu_fast_path:  # before the Decoder is built: its target reads the swapped layers
+        swapped, replaced = use_onednn_linears(loaded.model), attend_with_grouped_kv(loaded.model)
     dec = Decoder(loaded, draft_heads, path)
-    dec.swapped_linears = swapped
+    dec.swapped_linears, dec.replaced_attention = swapped, replaced
     return dec

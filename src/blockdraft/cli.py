@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 
 from .errors import BlockdraftError
 from . import sampling as sampling_args
+from .config_args import add_config_arguments, config_from_arguments
 from .models import DEFAULT_MODEL
+from .outdir import FolderLock, check_free
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -36,9 +39,16 @@ def cmd_generate(args) -> None:
     parse(args.method)  # checked before the model loads: a bad request costs nothing
     sampling = sampling_args.from_arguments(args)
     if args.prompt == "-":  # the prompt from standard input (a file, a pipe, a here-document)
-        args.prompt = sys.stdin.read()
+        stdin = getattr(sys.stdin, "buffer", None)  # bytes, so an undecodable byte is reported, not raised
+        args.prompt = stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read()
     if not args.prompt.strip():
         raise BlockdraftError("empty prompt: give some text to continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BlockdraftError(f"the prompt is not valid UTF-8 text (an undecodable byte at character {exc.start})") from None
+    if any(s == "" for s in args.stop or ()):
+        raise BlockdraftError("a stop string must not be empty")
     if args.system is not None and args.raw:
         raise BlockdraftError("--system needs the chat template: drop --raw")
     if args.max_new_tokens <= 0:
@@ -73,9 +83,9 @@ def cmd_prompts(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from .train.distill import DistillConfig, distill
-    cfg = DistillConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit,
-                        corpus=args.corpus or "", shard_records=args.shard_records)
+    from .train.distill import DistillConfig, check_prompts, distill
+    cfg = config_from_arguments(DistillConfig, args)
+    check_prompts(args.prompts)
     path = distill(_load(args), args.prompts, args.out, cfg)
     print(f"distillation data in {path}" + (f", packed into {args.corpus}" if args.corpus else ""))
 
@@ -109,10 +119,7 @@ def cmd_draft_vocab(args) -> None:
 
 def cmd_train_heads(args) -> None:
     from .train.heads import HeadsTrainConfig, train_heads
-    cfg = HeadsTrainConfig(num_heads=args.num_heads, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                           batch_positions=args.batch_positions, max_tokens=args.max_tokens,
-                           max_seconds=args.max_seconds, draft_vocab=args.draft_vocab, chain=args.chain,
-                           init=args.init or "")
+    cfg = config_from_arguments(HeadsTrainConfig, args)
     _, report = train_heads(_load(args), args.data, args.out, cfg, resume=args.resume)
     print("held-out accuracy per draft head (head j predicts the token j+1 after the hidden state):")
     for j, (a1, a5) in enumerate(zip(report["top1"], report["top5"]), start=1):
@@ -121,21 +128,9 @@ def cmd_train_heads(args) -> None:
     print(f"heads saved to {args.out}")
 
 
-def cmd_train_feature_head(args) -> None:
-    from .train.feature_head import FeatureTrainConfig, train_feature_head
-    cfg = FeatureTrainConfig(num_heads=args.num_heads, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                             batch_positions=args.batch_positions, max_seconds=args.max_seconds, draft_vocab=args.draft_vocab,
-                             prompt_context=not args.answer_only)
-    _, report = train_feature_head(_load(args), args.data, args.out, cfg, init=args.init)
-    print(f"held-out top-1: first draft token {report['top1_first']:.3f}, second (from the head's own features) "
-          f"{report['top1_second']:.3f} over {report['positions']:,} positions")
-    print(f"feature head saved to {args.out}")
-
-
 def cmd_train_rescorer(args) -> None:
     from .train.rescorer import RescorerTrainConfig, train_rescorer
-    cfg = RescorerTrainConfig(hidden_size=args.hidden_size, layers=args.layers, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                              max_seconds=args.max_seconds)
+    cfg = config_from_arguments(RescorerTrainConfig, args)
     info = train_rescorer(_load(args), args.data, args.out, cfg)
     print(f"rescorer saved to {args.out} (held-out loss {info['training']['heldout_loss']})")
 
@@ -152,9 +147,11 @@ def cmd_analyze(args) -> None:
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = load_questions(prompts, categories, args.per_category)
     topks = parse_topks(args.topk)
+    check_free(args.out)  # a folder holding anything is refused before the model loads
     dec = _decoder(args)
-    report = analyze(dec, questions, topks=topks, max_new_tokens=args.max_new_tokens, out_dir=args.out,
-                     method=args.method)
+    with FolderLock(args.out):
+        report = analyze(dec, questions, topks=topks, max_new_tokens=args.max_new_tokens, out_dir=args.out,
+                         method=args.method)
     s, k = report["overall"], str(max(topks))
     print(f"[{args.method}] {len(questions)} questions: block efficiency {s['block_efficiency']:.2f}, "
           f"oracle top-{k} {s['oracle_be'][k]:.2f}, {s['repetition']['consec_pct'] or 0:.1f}% consecutive "
@@ -169,9 +166,9 @@ def cmd_train_ngram(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from .refine.tune import heldout_records, tune_alpha
+    from .train.tune import heldout_records, tune_alpha
     dec = _decoder(args)
-    dec.ngram_path, dec.rescorer_path = args.ngram or dec.ngram_path, args.rescorer or dec.rescorer_path
+    dec.use_refiner_files(ngram=args.ngram, rescorer=args.rescorer)
     report = tune_alpha(dec, heldout_records(args.data, args.per_domain), args.kind)
     path = store_alpha(dec, args.kind, report)
     print(json.dumps(report["alpha"]), f"stored in {path}")
@@ -193,8 +190,33 @@ def store_alpha(dec, kind: str, report: dict):
     return dec.ngram_path
 
 
+TIME_BUDGET = "time budget in seconds; the LR schedule shrinks to fit (0: none)"
+DISTILL_HELP = {"max_new_tokens": "answer length cap per prompt", "max_prompt_tokens": "longer prompts are skipped",
+                "batch_size": "prompts per batch (0: 32 on CPU, 384 on GPU)", "limit": "at most N new prompts this run (0: all)",
+                "corpus": "also pack finished answers into this corpus folder (e.g. corpus/smollm2-135m)",
+                "shard_records": "records per corpus shard"}
+HEADS_HELP = {"num_heads": "K draft heads", "lr": "peak learning rate after warm-up",
+              "batch_positions": "answer positions per optimiser step", "warmup": "share of steps spent warming up",
+              "clip": "gradient-norm clip", "heldout": "share of sequences held out for accuracy",
+              "max_tokens": "train on at most N positions (0: all)", "max_seconds": TIME_BUDGET,
+              "draft_vocab": "draft only the N most frequent answer tokens: a 3x cheaper projection (0: all)",
+              "chain": "chained heads: head j also reads the j tokens before its target (drafted one after another)",
+              "init": "start from these trained heads (e.g. plain heads for --chain) instead of zeros"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit 2), like every other error of the CLI."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blockdraft", description="Lossless blockwise parallel decoding.")
+    from .train.distill import DistillConfig
+    from .train.heads import HeadsTrainConfig
+    from .train.rescorer import RescorerTrainConfig
+
+    parser = OneLineParser(prog="blockdraft", description="Lossless blockwise parallel decoding.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -212,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("prompts", help="build the mixed training-prompt JSONL from the prompt corpora")
-    p.add_argument("--source", default="../shared/data/train_prompts", help="folder of the prompt corpora")
+    p.add_argument("--source", required=True, help="folder of the prompt corpora (e.g. ../shared/data/train_prompts)")
     p.add_argument("--out", required=True, help="output JSONL (id, source, domain, license, turns)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commercial-only", action="store_true", help="drop non-commercial and unlicensed sources")
@@ -222,11 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--prompts", required=True, help="JSONL with 'id' and 'turns' (see `blockdraft prompts`)")
     p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=0, help="0: 32 on CPU, 384 on GPU")
-    p.add_argument("--limit", type=int, default=0, help="at most N new prompts this run")
-    p.add_argument("--corpus", default=None, help="also pack finished answers into this corpus folder (e.g. corpus/smollm2-135m)")
-    p.add_argument("--shard-records", type=int, default=2000, help="records per corpus shard")
+    add_config_arguments(p, DistillConfig, help=DISTILL_HELP)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("corpus", help="the committed training corpus: add a distillation folder's answers, or show it")
@@ -240,35 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
     p.add_argument("--out", required=True, help="folder for the heads (safetensors + config.json)")
-    p.add_argument("--num-heads", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-positions", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=0, help="train on at most N positions (0: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=0, help="time budget; the LR schedule shrinks to fit")
+    add_config_arguments(p, HeadsTrainConfig, help=HEADS_HELP)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--draft-vocab", type=int, default=16384,
-                   help="draft only the N most frequent answer tokens: a 3x cheaper projection (0: all)")
-    p.add_argument("--chain", action="store_true",
-                   help="chained heads: head j also reads the j tokens before its target (drafted one after another)")
-    p.add_argument("--init", help="start from these trained heads (e.g. plain heads for --chain) instead of zeros")
     p.set_defaults(func=cmd_train_heads)
-
-    p = sub.add_parser("train-feature-head", help="train the context-reading feature head on distillation data")
-    _model_args(p)
-    p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
-    p.add_argument("--out", required=True, help="folder for the head (safetensors + config.json)")
-    p.add_argument("--num-heads", type=int, default=6, help="draft tokens per block")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-positions", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-seconds", type=float, default=0, help="time budget; the LR schedule shrinks to fit")
-    p.add_argument("--draft-vocab", type=int, default=4096, help="draft only the N most frequent answer tokens")
-    p.add_argument("--init", help="start from this trained feature head")
-    p.add_argument("--answer-only", action="store_true", help="the head reads the answer positions only, not the prompt's tokens")
-    p.set_defaults(func=cmd_train_feature_head)
 
     p = sub.add_parser("draft-vocab", help="give trained heads a draft vocabulary from distillation data")
     p.add_argument("--heads", required=True, help="heads folder (rewritten in place)")
@@ -280,12 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--hidden-size", type=int, default=96)
-    p.add_argument("--max-seconds", type=float, default=0, help="time budget; the LR schedule shrinks to fit")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    add_config_arguments(p, RescorerTrainConfig, help={"max_seconds": TIME_BUDGET})
     p.set_defaults(func=cmd_train_rescorer)
 
     p = sub.add_parser("train-ngram", help="train a token n-gram LM (modified Kneser-Ney) on distillation data")

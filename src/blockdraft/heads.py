@@ -61,7 +61,7 @@ class DraftHeads(nn.Module):
             nn.init.zeros_(block.bias)
         if config.draft_vocab_size:
             self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        self._rows_of: tuple | None = None  # which lm_head weight, version, dtype and layout `draft_rows` holds
+        self.draft_rows = DraftRows()  # the lm_head rows of draft_vocab, copied on first use
 
     @property
     def num_heads(self) -> int:
@@ -95,7 +95,7 @@ class DraftHeads(nn.Module):
         """Restrict drafting to these token ids (most useful first)."""
         self.config.draft_vocab_size = len(ids)
         self.register_buffer("draft_vocab", torch.as_tensor(ids, dtype=torch.long).to(self.blocks[0].weight.device))
-        self._rows_of = None
+        self.draft_rows.forget()
 
     @torch.no_grad()
     def draft_logits(self, hidden: torch.Tensor, lm_head: nn.Module, next_token: int | None = None,
@@ -132,7 +132,7 @@ class DraftHeads(nn.Module):
         return (torch.stack(rows) if rows else row.new_zeros((0, row.shape[-1]))), vocab
 
     def _draft_projection(self, lm_head: nn.Module):
-        return draft_projection(self, lm_head, self.blocks[0].weight.dtype)
+        return self.draft_rows.projection(getattr(self, "draft_vocab", None), lm_head, self.blocks[0].weight.dtype)
 
     def _draft_blocks(self, lm_head: nn.Module) -> list:
         """The blocks as one-row products: packed for oneDNN where the target runs oneDNN linears
@@ -159,26 +159,36 @@ class DraftHeads(nn.Module):
         return save_drafter(self, FORMAT, folder, dtype)
 
 
-def draft_projection(owner: nn.Module, lm_head: nn.Module, dtype: torch.dtype):
-    """(states [N, H] -> logits [N, V'], column ids or None) for a drafter `owner` with a `draft_vocab`
-    buffer: the draft-vocabulary rows in the drafter's dtype (bfloat16 drafting halves the memory
-    traffic), packed like lm_head on a CPU, copied once and counted with the drafter's memory."""
-    if not len(getattr(owner, "draft_vocab", ())):
-        return (lambda states: lm_head(states.to(lm_head.weight.dtype))), None
-    from .cpu import OneDNNLinear, can_pack_dtype, pack_weight, packed_linear
+class DraftRows(nn.Module):
+    """The draft-vocabulary rows of an lm_head in a drafter's dtype (bfloat16 drafting halves the
+    memory traffic), packed like lm_head on a CPU: copied once, kept as a buffer of the drafter
+    that owns this module (so they count with its memory), copied again when lm_head, its
+    weight, the dtype or the layout changes, or after forget()."""
 
-    weight = lm_head.weight
-    packed = isinstance(lm_head, OneDNNLinear) and can_pack_dtype(dtype)  # the model runs oneDNN linears
-    key = (id(weight), weight._version, dtype, packed)
-    if getattr(owner, "_rows_of", None) != key:  # first call, another lm_head or layout: copy its draft rows once
-        rows = weight.detach()[owner.draft_vocab].to(dtype)  # [V', H]: 4.7 MB for 4,096 SmolLM2 rows in bfloat16
-        if packed:  # laid out for one-row products
-            rows = pack_weight(rows, 1)
-        owner.register_buffer("draft_rows", rows, persistent=False)
-        owner._rows_of = key
-    if owner.draft_rows.is_mkldnn:
-        return (lambda states: packed_linear(states.to(dtype), owner.draft_rows)), owner.draft_vocab
-    return (lambda states: nn.functional.linear(states.to(dtype), owner.draft_rows)), owner.draft_vocab
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rows", None, persistent=False)
+        self.source: tuple | None = None  # which lm_head weight, version, dtype and layout `rows` holds
+
+    def forget(self) -> None:
+        self.rows, self.source = None, None
+
+    def projection(self, vocab: torch.Tensor | None, lm_head: nn.Module, dtype: torch.dtype):
+        """(states [N, H] -> logits [N, V'], the column ids or None): all of lm_head without a draft vocabulary."""
+        if vocab is None or not len(vocab):
+            return (lambda states: lm_head(states.to(lm_head.weight.dtype))), None
+        from .cpu import OneDNNLinear, can_pack_dtype, pack_weight, packed_linear
+
+        weight = lm_head.weight
+        packed = isinstance(lm_head, OneDNNLinear) and can_pack_dtype(dtype)  # the model runs oneDNN linears
+        source = (id(weight), weight._version, dtype, packed, vocab.data_ptr())
+        if self.source != source:  # first call, another lm_head, vocabulary or layout: copy the rows once
+            rows = weight.detach()[vocab].to(dtype)  # [V', H]: 4.7 MB for 4,096 SmolLM2 rows in bfloat16
+            self.rows, self.source = (pack_weight(rows, 1) if packed else rows), source
+        rows = self.rows
+        if rows.is_mkldnn:
+            return (lambda states: packed_linear(states.to(dtype), rows)), vocab
+        return (lambda states: nn.functional.linear(states.to(dtype), rows)), vocab
 
 
 def save_drafter(module: nn.Module, kind: str, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
@@ -236,10 +246,9 @@ def following_ids(ids: list[int], first: int, count: int, k: int, pad: int = 0) 
 
 
 def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load heads saved by DraftHeads.save (or a FeatureHead); a missing or corrupt checkpoint is a
-    one-line error naming the file and the fault (blockdraft.validate)."""
+    """Load heads saved by DraftHeads.save; a missing or corrupt checkpoint is a one-line error
+    naming the file and the fault (blockdraft.validate)."""
     from . import validate
-    from .feature_head import FORMAT as FEATURE_FORMAT, load_feature_head
 
     folder = Path(folder)
     if folder.is_file():
@@ -248,10 +257,8 @@ def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
         raise BlockdraftError(f"no draft heads at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
     raw = validate.json_object(folder / CONFIG_FILE)
     kind = raw.pop("format", None)
-    if kind == FEATURE_FORMAT:
-        return load_feature_head(folder, raw, dtype, device)
     if kind != FORMAT:
-        raise validate.fault(folder / CONFIG_FILE, f"format {kind!r}, expected {FORMAT!r} or {FEATURE_FORMAT!r}")
+        raise validate.fault(folder / CONFIG_FILE, f"format {kind!r}, expected {FORMAT!r}")
     config = validate.config_from(HeadsConfig, raw, folder / CONFIG_FILE, positive=("num_heads", "hidden_size", "vocab_size"),
                                   non_negative=("draft_vocab_size",))
     state = validate.safetensors(folder / WEIGHTS_FILE)

@@ -13,24 +13,32 @@ def read_jsonl(path: str | Path, validate: Callable[[dict], str | None] | None =
                on_error: str = "stop") -> Iterator[tuple[int, dict]]:
     """Yield (line number, record). `validate` returns an error text or None.
 
-    on_error="stop" raises BlockdraftError naming the line; "skip" warns on stderr and goes on.
+    on_error="stop" raises BlockdraftError naming the line; "skip" warns on stderr and goes on;
+    "quiet" goes on without a word.
     """
     path = Path(path)
     if not path.is_file():
         raise BlockdraftError(f"no such file: {path}")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is reported like any bad line
+        for number, raw in enumerate(handle, start=1):
             try:
-                record = json.loads(line)
-                problem = None if isinstance(record, dict) else "not a JSON object"
-            except json.JSONDecodeError as exc:
-                record, problem = None, f"invalid JSON ({exc.msg})"
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line, record, problem = None, None, "not UTF-8 text (a binary file?)"
+            if line is not None:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    problem = None if isinstance(record, dict) else "not a JSON object"
+                except json.JSONDecodeError as exc:
+                    record, problem = None, f"invalid JSON ({exc.msg})"
             if problem is None and validate is not None:
                 problem = validate(record)
             if problem is None:
                 yield number, record
+            elif on_error == "quiet":
+                continue
             elif on_error == "skip":
                 print(f"[blockdraft] {path}:{number}: {problem}; line skipped", file=sys.stderr)
             else:

@@ -19,9 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from .drafting import Drafter, FeatureDrafter, HeadsDrafter, NoDrafter
+from .drafting import Drafter, HeadsDrafter, NoDrafter
 from .errors import BlockdraftError
-from .feature_head import FeatureHead
 from .lookup import ContextLookup
 from .refine.base import ArgmaxRefiner, Refiner
 from .sizing import FittedRefiner
@@ -119,7 +118,7 @@ class Parts:
     """The loaded parts builders read (None where the spec does not need them)."""
 
     lm_head: "torch.nn.Module"  # the target's output projection (drafters project through it)
-    heads: "DraftHeads | FeatureHead | None" = None
+    heads: "DraftHeads | None" = None
     ngram: "NgramLM | None" = None
     rescorer: "Rescorer | None" = None
     cost: "CostCurve | None" = None
@@ -153,10 +152,8 @@ def _no_drafter(spec: MethodSpec, parts: Parts, record: bool) -> Drafter:
 
 
 def _heads_drafter(spec: MethodSpec, parts: Parts, record: bool) -> Drafter:
-    """The loaded heads: BPD heads, or the context-reading feature head."""
-    heads = parts.require("heads")
-    kind = FeatureDrafter if isinstance(heads, FeatureHead) else HeadsDrafter
-    return kind(heads, parts.lm_head, topk=spec.topk, with_entropy=record, stop_below=spec.stop)
+    """The loaded BPD heads."""
+    return HeadsDrafter(parts.require("heads"), parts.lm_head, topk=spec.topk, with_entropy=record, stop_below=spec.stop)
 
 
 def _argmax(spec: MethodSpec, parts: Parts, domain: str | None) -> Refiner:

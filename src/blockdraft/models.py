@@ -79,6 +79,21 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(name: str | None) -> torch.device:
+    """The device to run on (None: cuda when present, else cpu); one that this machine lacks is one line."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise BlockdraftError(f"unknown device {name!r}; choose cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BlockdraftError(f"device {name!r}: this machine has no CUDA device that torch {torch.__version__} can use")
+    if device.type not in ("cpu", "cuda"):
+        raise BlockdraftError(f"device {name!r} is not supported; choose cpu or cuda")
+    return device
+
+
 def offline_requested() -> bool:
     """Whether the user switched the hub off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as the HF libraries read them)."""
     return any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -102,6 +117,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     from . import validate
 
     validate.model_spec(spec)
+    target_device, torch_dtype = parse_device(device), parse_dtype(dtype)  # before any loading work
     offline = offline_requested() if offline is None else offline
     path, local = _locate(spec, offline)
     if local and Path(path).is_dir():  # a truncated weights file or a config.json that is not an object: one line
@@ -109,11 +125,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     try:
         with _quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), local_files_only=local)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local)
     except (OSError, ValueError) as exc:
         raise BlockdraftError(f"cannot load model {spec!r}: {str(exc).splitlines()[0][:200]}") from None
     validate.finite(model.named_parameters(), path)
-    model.to(torch.device(device) if device else default_device()).eval()
+    model.to(target_device).eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -72,16 +72,18 @@ class TargetModel:
     less time per step); other models, or fast_path=False, run through transformers.
     """
 
-    def __init__(self, model: torch.nn.Module, fast_path: bool = True, lm_head: torch.nn.Module | None = None):
+    def __init__(self, model: torch.nn.Module, fast_path: bool = True, lm_head: torch.nn.Module | None = None,
+                 cache_capacity: int = 512):
         """lm_head: a stand-in for the model's output projection with the same weights (a private
-        oneDNN-packed copy), so that the caller's model itself is left as it is."""
+        oneDNN-packed copy), so that the caller's model itself is left as it is. cache_capacity:
+        the fast path's first KV-cache size in positions (it doubles when a request needs more)."""
         from .fastpath import LlamaFastPath, unsupported
 
         self.model = model
         self.body = model.get_decoder()
         self.lm_head = lm_head if lm_head is not None else model.get_output_embeddings()
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-        self.runner = LlamaFastPath(model) if fast_path and unsupported(model) is None else TransformersBody(model)
+        self.runner = LlamaFastPath(model, cache_capacity) if fast_path and unsupported(model) is None else TransformersBody(model)
         self.calls = 0  # forwards since the last reset, the prefill included
 
     @property

@@ -41,24 +41,6 @@ def random_heads(model, num_heads: int, seed: int = 0, chain: bool = False) -> D
     return heads.eval()
 
 
-def random_feature_head(model, num_heads: int, seed: int = 0, prompt_context: bool = False):
-    """A feature head with random weights (residual branches included), matching the model's sizes."""
-    from .feature_head import FeatureHead, FeatureHeadConfig
-
-    torch.manual_seed(seed)
-    h = model.config.hidden_size
-    cfg = FeatureHeadConfig(num_heads=num_heads, hidden_size=h, vocab_size=model.config.vocab_size,
-                            attention_heads=4, intermediate_size=2 * h, prompt_context=prompt_context)
-    head = FeatureHead(cfg).to(next(model.parameters()).dtype)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(0, 0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.5)
-            if p.dim() == 2 and p.shape[-1] == 2 * h:  # fc: keep h dominant so drafts vary with the context
-                p[:, :h] += torch.eye(h, dtype=p.dtype)
-    return head.eval()
-
-
-@torch.inference_mode()
 def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
     """Greedy decoding the slow, obvious way: a full forward over the whole sequence per token."""
     ids, out = list(prompt), []

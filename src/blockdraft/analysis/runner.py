@@ -98,7 +98,7 @@ def teacher_forced_topk(decoder, prompt: list[int], out: list[int], k: int, chun
     One forward of the target over prompt + answer; heads run in chunks of positions because each
     position needs K x V logits.
     """
-    heads, target = decoder.require_bpd_heads("the oracle analysis"), decoder.target
+    heads, target = decoder.require_heads(), decoder.target
     if len(out) < 2:
         return np.zeros((0, heads.num_heads, k), dtype=np.int64)
     seq = torch.tensor([prompt + out[:-2]], device=target.device)  # the last hidden needed: index P + T - 3

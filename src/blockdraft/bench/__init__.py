@@ -36,9 +36,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     import blockdraft
     from ..methods import parse
+    from ..outdir import check_free
     from ..sampling import from_arguments
+    from .store import OWN, RUN
 
     sampling = from_arguments(args)  # bad values fail before the model loads
+    check_free(args.out, OWN, args.resume, marker=RUN)
     names = _names(args.methods) or []
     for name in names:  # a bad name fails before the model loads
         if name not in RUNNERS:

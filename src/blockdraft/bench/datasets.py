@@ -49,6 +49,9 @@ def load_questions(path: str | Path | None = None, categories: list[str] | None 
                    per_category: int | None = None, limit: int | None = None) -> list[dict]:
     """Questions of a JSONL file in file order: categories (fine names or groups such as
     mt_bench) are kept, then the first `per_category` of each fine category, then `limit`."""
+    for name, value in (("per-category", per_category), ("limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BlockdraftError(f"--{name} must be a whole number >= 1, got {value!r}")
     path = Path(path) if path else DEFAULT_PROMPTS
     questions, seen = [], set()
     for number, record in read_jsonl(path, validate=_problem):

@@ -2,7 +2,8 @@
 
 Per method and category: block efficiency = new tokens / steps (base-model calls that commit
 tokens), tokens/s, speed-up = sum of ar's seconds / sum of the method's seconds over the same
-prompt-turns, and lossless rate = share of prompt-turns whose ids equal ar's. Beside them,
+prompt-turns (under sampling, where answers differ in length: the ratio of tokens/s), and
+lossless rate = share of prompt-turns whose ids equal ar's (greedy decoding only). Beside them,
 Spec-Bench's own "#Mean accepted tokens" and speed-up as its evaluation/speed.py computes
 them from the answer files (blockdraft.bench.specbench), for comparison with published tables.
 """
@@ -19,7 +20,7 @@ from . import specbench
 from .datasets import GROUPS, group_of
 
 if TYPE_CHECKING:
-    from .runner import TurnRecord
+    from .records import TurnRecord
 
 BASELINE = "ar"
 
@@ -35,12 +36,21 @@ def _summary(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> 
         "new_tokens": new, "steps": steps, "seconds": seconds,
         "block_efficiency": new / steps if steps else None,
         "tokens_per_s": new / seconds if seconds else None,
-        "speedup_vs_ar": sum(b.seconds for b in base) / seconds if base and seconds else None,
+        "speedup_vs_ar": _speedup(rows, base, greedy) if base and seconds else None,
         "lossless_rate": fmean(r.ids == b.ids for r, b in zip(rows, base)) if base and greedy else None,
         "mean_accepted": fmean(a for r in rows for a in r.accepted) if ours and steps else None,
         "forward_seconds": sum(r.forward_s for r in rows) if ours else None,
         "draft_seconds": sum(r.draft_s for r in rows) if ours else None,
     }
+
+
+def _speedup(rows: list["TurnRecord"], base: list["TurnRecord"], greedy: bool) -> float | None:
+    """ar's time over the method's for the same prompt-turns; under sampling the two answers differ
+    in length, so the ratio of tokens per second instead."""
+    if greedy:
+        return sum(b.seconds for b in base) / sum(r.seconds for r in rows)
+    ar_rate = sum(len(b.ids) for b in base) / sum(b.seconds for b in base)
+    return sum(len(r.ids) for r in rows) / sum(r.seconds for r in rows) / ar_rate if ar_rate else None
 
 
 def _by_category(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> dict:

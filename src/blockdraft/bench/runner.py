@@ -33,10 +33,12 @@ from ..api import Decoder
 from ..cpu import cpu_model
 from ..errors import BlockdraftError
 from ..models import gguf_file
+from ..outdir import FolderLock, check_free
 from ..sampling import Sampling
 from ..types import DecodeResult
 from . import report
-from .store import RecordStore
+from .records import TurnRecord
+from .store import OWN, RUN, RecordStore
 
 WARMUP_TOKENS = 8
 PLD_TOKENS = 10  # prompt_lookup_num_tokens of hf-pld and llamacpp-pld
@@ -51,25 +53,6 @@ class Turn:
     setup_calls: int = 0  # leading base-model calls that commit nothing (our engine's cache fill)
     result: DecodeResult | None = None  # our engine's own account of the steps
     calls: int | None = None  # base-model calls, for runners the hook cannot see (llama.cpp)
-
-
-@dataclass
-class TurnRecord:
-    """One measured prompt-turn of one method: what report.py aggregates."""
-
-    method: str
-    question_id: int | str
-    category: str
-    turn: int
-    ids: list[int]
-    text: str
-    seconds: float
-    steps: int
-    committed: list[int] | None  # tokens committed per step (None: not observable)
-    accepted: list[int] | None  # draft tokens accepted per step (our engine only)
-    forward_s: float | None  # sum of StepStats.forward_s (our engine only)
-    draft_s: float | None  # sum of StepStats.draft_s: drafting + refinement (our engine only)
-    peak_tree_nodes: int | None  # most tokens fed to one verification call
 
 
 TurnFn = Callable[[list[int], int], Turn]  # (prompt ids, max new tokens) -> Turn
@@ -409,6 +392,7 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
         raise BlockdraftError("bench needs at least one question and one method")
     if max_new_tokens <= 0:
         raise BlockdraftError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    check_free(out_dir, OWN, resume, marker=RUN)  # before any work: a folder holding anything else is refused
     deadline = time.monotonic() + 60 * max_minutes if max_minutes else None
     threads = torch.get_num_threads()
     if not sampling.greedy and sampling.seed is None:
@@ -418,14 +402,21 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
                 "sampling": None if sampling.greedy else asdict(sampling),
                 "heads": decoder.heads_path, "dtype": str(decoder.loaded.model.dtype),
                 "questions": [[q["question_id"], len(q["turns"])] for q in questions]}
-    store = RecordStore(Path(out_dir), identity, resume)
-    log = call_log(decoder)
-    try:
-        if len(store.done) < len(questions):
-            warm_up(decoder, runners, questions[0], max_new_tokens)
-            interleave(decoder, log, runners, questions, max_new_tokens, store, deadline)
-    finally:
-        log.close()
+    with FolderLock(out_dir):
+        store = RecordStore(Path(out_dir), identity, resume)
+        log = call_log(decoder)
+        try:
+            if len(store.done) < len(questions):
+                warm_up(decoder, runners, questions[0], max_new_tokens)
+                interleave(decoder, log, runners, questions, max_new_tokens, store, deadline)
+        finally:
+            log.close()
+        return _finish(decoder, store, questions, runners, skipped, max_new_tokens, sampling, threads, argv, out_dir)
+
+
+def _finish(decoder: Decoder, store: RecordStore, questions: list[dict], runners: dict, skipped: dict,
+            max_new_tokens: int, sampling: Sampling, threads: int, argv: list[str] | None, out_dir) -> dict:
+    """Aggregate the measured records and write the report files."""
     records, measured = store.records, [q for q in questions if q["question_id"] in store.done]
     memory = {n: added_memory(decoder, n, _peak_tree_nodes(records, n)) for n in runners}
     config = {"methods": list(runners), "skipped": skipped, "max_new_tokens": max_new_tokens,

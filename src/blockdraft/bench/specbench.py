@@ -23,7 +23,7 @@ from statistics import fmean
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .runner import TurnRecord
+    from .records import TurnRecord
 
 
 BASELINES = ("hf-greedy", "ar")  # Spec-Bench's "vanilla" is HF generate; ar is the same decode in our engine

@@ -3,7 +3,8 @@
 A full Spec-Bench split takes hours on a CPU: `records.jsonl` gets every finished question's
 records as soon as all methods have answered it, and `run.json` says what run they belong to
 (methods, model, heads, new tokens, questions). `--resume` keeps the finished questions of the
-same run and measures the rest; a folder holding another run is refused in one line.
+same run and measures the rest; a folder holding another run, or anything else, is refused in
+one line (blockdraft.outdir), and a lock keeps two runs from writing to one folder.
 """
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import BlockdraftError
+from ..outdir import check_free
 
 if TYPE_CHECKING:
-    from .runner import TurnRecord
+    from .records import TurnRecord
 
 RECORDS = "records.jsonl"
 RUN = "run.json"
+# What a bench run writes into its folder (what --resume accepts there).
+OWN = frozenset({RECORDS, RUN, "results.json", "results.md", "answers", "block_efficiency.png", "speedup.png",
+                 "committed_per_step.png"})
 
 
 class RecordStore:
@@ -36,21 +41,17 @@ class RecordStore:
         self._write(self.records, "w")  # drops the half-measured question of an interrupted run
 
     def _fresh(self) -> list["TurnRecord"]:
-        if (self.out_dir / RECORDS).exists():
-            raise BlockdraftError(f"{self.out_dir} already holds a bench run: pass --resume to continue it, "
-                                  "or choose another --out")
+        check_free(self.out_dir, OWN)
         return []
 
     def _resumed(self) -> list["TurnRecord"]:
         """The records of questions every method finished, if the folder holds this same run."""
-        from .runner import TurnRecord
+        from .records import TurnRecord
 
+        check_free(self.out_dir, OWN, resume=True, marker=RUN)
         run, records = self.out_dir / RUN, self.out_dir / RECORDS
         if not records.exists():
             return []
-        if not run.exists():
-            raise BlockdraftError(f"{self.out_dir} holds bench records without {RUN} (an older run): "
-                                  "it cannot be resumed; choose another --out")
         try:
             earlier = json.loads(run.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

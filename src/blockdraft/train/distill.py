@@ -68,6 +68,14 @@ def _check_meta(out: Path, meta: dict) -> None:
         path.write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def check_prompts(prompts_file: str | Path) -> int:
+    """How many usable prompts the file holds; none at all is one line (checked before the model loads)."""
+    count = sum(1 for _ in read_jsonl(prompts_file, _validate_prompt, on_error="quiet"))
+    if not count:
+        raise BlockdraftError(f"{prompts_file}: no usable prompt (each line: a JSON object with 'id' and 'turns')")
+    return count
+
+
 def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg: DistillConfig) -> Path:
     """Generate greedy answers (first turn, chat template) for every prompt not yet in DIR."""
     if cfg.max_new_tokens < 1:

@@ -1,16 +1,27 @@
 """The context-reading feature head: cache consistency, losslessness, checkpoints, training."""
+import functools
+import json
 import random
 
 import pytest
 import torch
 
-from blockdraft.drafting import FeatureDrafter
 from blockdraft.engine import DecodeConfig, generate
 from blockdraft.errors import BlockdraftError
-from blockdraft.heads import load_heads
+from blockdraft.models import LoadedModel, model_fingerprint
 from blockdraft.refine.base import ArgmaxRefiner
 from blockdraft.target import TargetModel
-from blockdraft.testing import random_feature_head, reference_greedy
+from blockdraft.testing import random_heads, reference_greedy, tiny_llama, tiny_tokenizer
+from blockdraft.train.distill import DATA_FILE, META_FILE
+
+from .drafter import FeatureDrafter
+from .model import FeatureHead, load_feature_head, random_feature_head
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """Tiny random Llamas by (seed, dtype), each built once."""
+    return functools.cache(lambda seed=0, dtype=torch.float64: tiny_llama(seed, dtype))
 
 
 def test_incremental_features_equal_one_pass(tiny_models):
@@ -68,7 +79,7 @@ def test_feature_head_checkpoint_round_trip_and_checks(tiny_models, tmp_path):
     head = random_feature_head(model, 3, seed=4).float()
     head.set_draft_vocab(torch.arange(10, 40))
     head.save(tmp_path / "fh", dtype=torch.float32)
-    back = load_heads(tmp_path / "fh")
+    back = load_feature_head(tmp_path / "fh")
     assert back.config.draft_vocab_size == 30 and back.draft_vocab.tolist() == list(range(10, 40))
     x = torch.randn(1, 4, model.config.hidden_size)
     torch.testing.assert_close(back(x, x)[0], head(x, x)[0])
@@ -79,17 +90,39 @@ def test_feature_head_checkpoint_round_trip_and_checks(tiny_models, tmp_path):
         back.check_compatible(other)
     (tmp_path / "fh" / "heads.safetensors").write_bytes(b"garbage")
     with pytest.raises(BlockdraftError, match="corrupt .*heads.safetensors: not a complete safetensors file"):
-        load_heads(tmp_path / "fh")
+        load_feature_head(tmp_path / "fh")
 
 
-def test_parallel_scoring_tools_refuse_a_feature_head_in_one_line(tiny_models):
-    from blockdraft.analysis.runner import teacher_forced_topk
-    from blockdraft.api import Decoder
-    from blockdraft.models import LoadedModel
-    from blockdraft.testing import tiny_tokenizer
+def test_feature_head_sizes_the_layers_can_take(tiny_models, tmp_path):
+    random_feature_head(tiny_models(0, torch.float32), 3).float().save(tmp_path / "h", dtype=torch.float32)
+    raw = json.loads((tmp_path / "h" / "config.json").read_text())
+    for value, words in [(0, "attention_heads must be positive"), (5, "does not split into 5"), ("x", "must be int")]:
+        (tmp_path / "h" / "config.json").write_text(json.dumps({**raw, "attention_heads": value}))
+        with pytest.raises(BlockdraftError, match=words):
+            load_feature_head(tmp_path / "h")
+    (tmp_path / "h" / "config.json").write_text(json.dumps(raw))
+    assert load_feature_head(tmp_path / "h").config.attention_heads == 4
+    random_heads(tiny_models(0, torch.float32), 2).save(tmp_path / "bpd")
+    with pytest.raises(BlockdraftError, match="not a feature head"):
+        load_feature_head(tmp_path / "bpd")
 
-    model = tiny_models(0, torch.float32)
-    dec = Decoder(LoadedModel(model, tiny_tokenizer(64), "tiny", "f"), random_feature_head(model, 3).float(), None)
-    with pytest.raises(BlockdraftError, match="the oracle analysis needs BPD draft heads"):
-        teacher_forced_topk(dec, [1, 2, 3], [4, 5, 6], k=2)
-    assert dec.generate(ids=[1, 2, 3], method="bpd-0gram-p2", max_new_tokens=8).new_tokens == 8
+
+def test_feature_head_learns_a_deterministic_answer(tmp_path):
+    """Answers that repeat one pattern (next token = current + 3): the trained head predicts it,
+    from true and from its own features."""
+    from .train import FeatureTrainConfig, train_feature_head
+
+    model = tiny_llama(3, vocab=64)
+    loaded = LoadedModel(model, tiny_tokenizer(64), "tiny", model_fingerprint(model))
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / META_FILE).write_text(json.dumps({"model": "tiny", "model_fingerprint": loaded.fingerprint}))
+    rows = [{"id": f"q{i}", "prompt_ids": [1, 2 + i % 7], "answer_ids": [(5 + 3 * j) % 64 for j in range(i % 5, i % 5 + 30)]}
+            for i in range(40)]
+    (data / DATA_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    cfg = FeatureTrainConfig(num_heads=3, epochs=40, batch_positions=128, lr=1e-2, heldout=0.2, draft_vocab=32)
+    _, report = train_feature_head(loaded, data, tmp_path / "fh", cfg)
+    assert report["top1_first"] > 0.5 and report["top1_second"] > 0.5, report  # chance is 1/32
+    saved = load_feature_head(tmp_path / "fh")
+    assert isinstance(saved, FeatureHead) and saved.config.draft_vocab_size == 32 and saved.num_heads == 3

@@ -5,9 +5,9 @@ category evenly; each prompt's result is appended to OUT as one JSON line as soo
 done, and a rerun skips what OUT already holds (resumable). The first method is the reference
 for losslessness (use ar).
 
-    python benchmarks/first_turn_be.py --methods ar,fast,bpd --out runs/first-turn.jsonl --max-minutes 50
-    python benchmarks/first_turn_be.py --summary runs/first-turn.jsonl
-    python benchmarks/first_turn_be.py --summary runs/bench-full/records.jsonl   # a bench run's first turns
+    python experiments/first_turn_be.py --methods ar,fast,bpd --out runs/first-turn.jsonl --max-minutes 50
+    python experiments/first_turn_be.py --summary runs/first-turn.jsonl
+    python experiments/first_turn_be.py --summary runs/bench-full/records.jsonl   # a bench run's first turns
 
 Each output file belongs to one set of heads (--heads); copy another run's `ar` lines into a new
 file to reuse them as the reference.

@@ -1,4 +1,4 @@
-"""Training the context-reading feature head (blockdraft.feature_head) on distillation data.
+"""Training the context-reading feature head (model.py) on distillation data.
 
 Same data and cached hidden states as the BPD heads (train/heads.py), but whole answers at a
 time: the head attends over an answer's positions in order. Loss per position s: cross-entropy
@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..errors import BlockdraftError
-from ..feature_head import FeatureHead, FeatureHeadConfig
-from ..heads import load_heads
-from ..models import LoadedModel, model_fingerprint
-from .heads import IGNORE, Projection, draft_vocabulary, heldout_sequences, hidden_states, load_sequences, vocab_coverage
-from .schedule import StepPlan
+from blockdraft.errors import BlockdraftError
+from blockdraft.models import LoadedModel, model_fingerprint
+from blockdraft.train.heads import (IGNORE, Projection, draft_vocabulary, heldout_sequences, hidden_states,
+                                    load_sequences, vocab_coverage)
+from blockdraft.train.schedule import StepPlan
+
+from .model import FeatureHead, FeatureHeadConfig, load_feature_head
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,7 @@ def train_feature_head(loaded: LoadedModel, data_dir: str | Path, out: str | Pat
                                          draft_vocab_size=len(vocab), base_model=loaded.name, base_fingerprint=fingerprint,
                                          prompt_context=cfg.prompt_context))
     if init:  # the loader's one-line errors for a missing, corrupt or mismatched checkpoint
-        start = load_heads(init)
-        if not isinstance(start, FeatureHead):
-            raise BlockdraftError(f"--init {init} holds BPD heads, not a feature head")
+        start = load_feature_head(init)
         start.check_compatible(loaded.model, fingerprint)
         head.load_state_dict(start.state_dict())
     head.float().train()
@@ -198,3 +197,41 @@ def evaluate(head: FeatureHead, proj: Projection, answers: Answers, which: list[
             count[i] += float(n)
     acc = (hits / count.clamp(min=1)).tolist()
     return {"top1_first": round(acc[0], 4), "top1_second": round(acc[1], 4), "positions": int(count[0])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m feature_head.train` (from experiments/): train a feature head on `blockdraft distill` output."""
+    import argparse
+
+    from blockdraft.models import DEFAULT_MODEL, load_model
+
+    p = argparse.ArgumentParser(description="train the context-reading feature head on distillation data")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
+    p.add_argument("--out", required=True, help="folder for the head (safetensors + config.json)")
+    p.add_argument("--num-heads", type=int, default=6, help="draft tokens per block")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-positions", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=0, help="time budget; the LR schedule shrinks to fit")
+    p.add_argument("--draft-vocab", type=int, default=4096, help="draft only the N most frequent answer tokens")
+    p.add_argument("--init", help="start from this trained feature head")
+    p.add_argument("--answer-only", action="store_true", help="read the answer positions only, not the prompt's tokens")
+    args = p.parse_args(argv)
+    cfg = FeatureTrainConfig(num_heads=args.num_heads, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                             batch_positions=args.batch_positions, max_seconds=args.max_seconds,
+                             draft_vocab=args.draft_vocab, prompt_context=not args.answer_only)
+    try:
+        _, report = train_feature_head(load_model(args.model, args.dtype), args.data, args.out, cfg, init=args.init)
+    except BlockdraftError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"held-out top-1: first draft token {report['top1_first']:.3f}, second (from the head's own features) "
+          f"{report['top1_second']:.3f} over {report['positions']:,} positions; saved to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

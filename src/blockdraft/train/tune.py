@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import BlockdraftError
 from ..heads import following_ids
-from .pbest import pbest_paths
+from ..refine.pbest import pbest_paths
 
 ALPHA_GRID = (0.1, 0.5, 0.75, 0.9, 1.0, 1.1, 1.5, 2.0, 5.0, 10.0)  # the paper's grid
 
@@ -39,7 +39,7 @@ class ForcedSequence:
 def force(decoder, ids: list[int], prompt_len: int, topk: int, with_rescorer: bool) -> ForcedSequence:
     """One target forward and one rescorer forward over the whole sequence."""
     x = torch.tensor([ids], device=decoder.target.device)
-    heads = decoder.require_bpd_heads("tuning")
+    heads = decoder.require_heads()
     hidden = decoder.target.body(input_ids=x).last_hidden_state[0]
     toks, lps = [], []
     before = following_ids(ids, 0, len(ids), heads.num_heads)  # chained heads' inputs
@@ -111,7 +111,7 @@ def tune_alpha(decoder, records: list[dict], kind: str, grid=ALPHA_GRID, topk: i
 def heldout_records(data_dir: str | Path, per_domain: int) -> list[dict]:
     """Up to `per_domain` records per domain from the sequences the heads held out (train-heads split)."""
     from ..jsonl import read_jsonl
-    from ..train.heads import HeadsTrainConfig, heldout_sequences
+    from .heads import HeadsTrainConfig, heldout_sequences
 
     records = [rec for _, rec in read_jsonl(Path(data_dir) / "distill.jsonl", on_error="skip")]
     if not records:

@@ -2,7 +2,7 @@
 hidden states (EAGLE-style feature-level drafting, Li et al. 2024).
 
 Why: the BPD heads (heads.py) see only the last hidden state h[t], and on Spec-Bench they
-keep far fewer tokens than on their held-out data (README, "Heads"). This head attends over
+keep far fewer tokens than on their held-out data (docs/research.md, "A context-reading feature head"). This head attends over
 the hidden states of every committed answer position, kept in its own small KV cache, so it
 can follow what the answer has done so far. Input at position s: [h[s]; e(x[s+1])] (e = the
 base model's output-projection row, tied to its embedding in SmolLM2); output: a guess of
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import BlockdraftError
+from blockdraft.errors import BlockdraftError
+from blockdraft.heads import DraftRows, check_sizes, save_drafter
 
 FORMAT = "blockdraft-feature-head/1"
 WEIGHTS_FILE = "heads.safetensors"
@@ -55,6 +56,7 @@ class FeatureHead(nn.Module):
         self.qkv, self.out = nn.Linear(h, 3 * h, bias=False), nn.Linear(h, h, bias=False)
         self.gate_up, self.down = nn.Linear(h, 2 * i, bias=False), nn.Linear(i, h, bias=False)
         self.register_buffer("draft_vocab", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+        self.draft_rows = DraftRows()  # the lm_head rows of draft_vocab, copied on first use
         dim = h // config.attention_heads  # rotary frequencies, computed once (drafting calls the layer per token)
         self._inv_freq = config.rope_theta ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         with torch.no_grad():  # start as the identity on h: the block's residual branches begin at zero
@@ -95,16 +97,12 @@ class FeatureHead(nn.Module):
     def set_draft_vocab(self, ids: torch.Tensor) -> None:
         self.config.draft_vocab_size = len(ids)
         self.draft_vocab = torch.as_tensor(ids, dtype=torch.long, device=self.fc.weight.device)
-        self._rows_of = None  # heads.draft_projection copies the new rows on its next call
+        self.draft_rows.forget()
 
     def check_compatible(self, model: nn.Module, fingerprint: str | None = None) -> None:
-        from .heads import check_sizes
-
         check_sizes(self.config, model, fingerprint)
 
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        from .heads import save_drafter
-
         return save_drafter(self, FORMAT, folder, dtype)
 
 
@@ -114,12 +112,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def load_feature_head(folder: Path, raw: dict, dtype: torch.dtype, device) -> FeatureHead:
-    """Build a FeatureHead from its parsed config and weights (called by heads.load_heads), checked
-    by blockdraft.validate: field types, sizes the layers can take, layout, finite weights, ids."""
-    from . import validate
+def load_feature_head(folder: str | Path, dtype: torch.dtype = torch.float32, device="cpu") -> FeatureHead:
+    """A FeatureHead saved by FeatureHead.save, checked by blockdraft.validate: field types, sizes
+    the layers can take, layout, finite weights, ids."""
+    from blockdraft import validate
 
+    folder = Path(folder)
     path = folder / CONFIG_FILE
+    if not path.exists() or not (folder / WEIGHTS_FILE).exists():
+        raise BlockdraftError(f"no feature head at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
+    raw = validate.json_object(path)
+    if raw.pop("format", None) != FORMAT:
+        raise validate.fault(path, f"not a feature head (format {FORMAT!r} expected)")
     config = validate.config_from(FeatureHeadConfig, raw, path, non_negative=("draft_vocab_size",),
                                   positive=("num_heads", "hidden_size", "vocab_size", "attention_heads", "intermediate_size"))
     if config.hidden_size % config.attention_heads or (config.hidden_size // config.attention_heads) % 2:
@@ -130,3 +134,18 @@ def load_feature_head(folder: Path, raw: dict, dtype: torch.dtype, device) -> Fe
     validate.drafter_state(head, state, config.vocab_size, folder / WEIGHTS_FILE)
     head.load_state_dict(state)
     return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def random_feature_head(model: nn.Module, num_heads: int, seed: int = 0, prompt_context: bool = False) -> FeatureHead:
+    """A feature head with random weights (residual branches included), matching the model's sizes (tests)."""
+    torch.manual_seed(seed)
+    h = model.config.hidden_size
+    cfg = FeatureHeadConfig(num_heads=num_heads, hidden_size=h, vocab_size=model.config.vocab_size,
+                            attention_heads=4, intermediate_size=2 * h, prompt_context=prompt_context)
+    head = FeatureHead(cfg).to(next(model.parameters()).dtype)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.5)
+            if p.dim() == 2 and p.shape[-1] == 2 * h:  # fc: keep h dominant so drafts vary with the context
+                p[:, :h] += torch.eye(h, dtype=p.dtype)
+    return head.eval()

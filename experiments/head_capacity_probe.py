@@ -6,7 +6,7 @@ distillation folder's training split and prints the held-out greedy-chain accept
 every epoch, next to the unchanged heads'. Compare with `blockdraft train-heads --init HEADS` on
 the same folder (same split: 5% of sequences, seed 0) to separate new capacity from new data.
 
-    python benchmarks/head_capacity_probe.py --data runs/distill-t --width 1152 --epochs 2
+    python experiments/head_capacity_probe.py --data runs/distill-t --width 1152 --epochs 2
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Dirichlet(--dirichlet) sample (larger is flatter). Distractors are random ids, o
 --plausible the most frequent corpus followers of the previous position's top candidates: a
 lattice dense with seen n-grams, where the search's bounds prune least (the hard case).
 
-    .venv/bin/python benchmarks/pbest_microbench.py [--tokens 2000000] [--lm FILE] [--save FILE] [--plausible]
+    .venv/bin/python experiments/pbest_microbench.py [--tokens 2000000] [--lm FILE] [--save FILE] [--plausible]
 """
 from __future__ import annotations
 
