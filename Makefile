@@ -21,6 +21,8 @@ demo: $(STAMP)
 	  --prompt "Explain in three sentences why the sky is blue."
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests scripts experiments benchmarks
+	$(BIN)/python scripts/check_imports.py
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -1,4 +1,4 @@
-"""Block efficiency on the first turn of every dev question (issue 3's measure), time-boxed.
+"""Block efficiency on the first turn of every dev question, time-boxed.
 
 Questions go round-robin over categories, so a run stopped by --max-minutes still covers every
 category evenly; each prompt's result is appended to OUT as one JSON line as soon as it is

@@ -297,4 +297,5 @@ def test_sampled_bench_repeats_by_seed_and_skips_the_greedy_peers(decoder, tmp_p
     assert texts[0] == texts[1]
     assert "sampling: temperature 0.9" in (tmp_path / "a" / "results.md").read_text()
     greedy = run_bench(decoder, QUESTIONS[1:], ["ar"], 12, tmp_path / "g")
+    assert greedy["config"]["sampling"] is None and greedy["methods"]["ar"]["overall"]["lossless_rate"] == 1.0
     assert [c["turns"] for a in _answers(tmp_path / "g", "ar") for c in a["choices"]] != texts[0][0]

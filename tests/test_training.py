@@ -159,7 +159,6 @@ def test_train_heads_saves_resumes_and_refuses_mismatch(loaded, tmp_path):
 def test_ngram_training_and_tuning_run_on_distilled_data(loaded, tmp_path):
     from blockdraft.api import Decoder
     from blockdraft.train.tune import heldout_records, tune_alpha
-    from blockdraft.testing import random_heads
     from blockdraft.train.ngram import train_ngram_on_distill
 
     data = tmp_path / "d"

@@ -225,7 +225,6 @@ def gguf_file(alias: str = DEFAULT_MODEL) -> str:
 
 def _materialise_alias(alias: str) -> str:
     """Dequantise the packaged GGUF once into a safetensors folder and return that folder."""
-    upstream = ALIASES[alias].upstream
     target = cache_root() / "models" / alias
     if (target / "model.safetensors").exists() and (target / "tokenizer_config.json").exists():
         return str(target)
@@ -242,7 +241,6 @@ def _materialise_alias(alias: str) -> str:
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the cached weights are plain float32
-    config._name_or_path = upstream
     tmp = target.with_name(target.name + f".partial{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

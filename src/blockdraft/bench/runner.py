@@ -11,7 +11,6 @@ Methods run interleaved prompt by prompt, in an order rotated per prompt, after 
 from __future__ import annotations
 
 import datetime
-import json
 import importlib.metadata
 import importlib.util
 import os
