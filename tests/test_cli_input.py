@@ -93,3 +93,16 @@ def test_analyze_refuses_a_folder_that_holds_files_before_loading(tmp_path, caps
     assert main(["analyze", "--model", "/no/such/model", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "is not empty" in err and "/no/such" not in err and (tmp_path / "analysis.md").read_text() == "my analysis"
+
+
+def test_calibrate_measures_the_cost_curve_and_json_names_the_resolved_method(model_dir, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BLOCKDRAFT_CACHE", str(tmp_path))
+    assert main(["calibrate", "--model", str(model_dir), "--threads", "1"]) == 0
+    curve = json.loads(capsys.readouterr().out)
+    assert curve["tokens"][0] == 1 and len(curve["ms"]) == len(curve["tokens"]) and curve["threads"] == 1
+    assert curve["ms"] == sorted(curve["ms"])
+    out = _generate(model_dir, capsys, "--prompt", PROMPT)
+    assert out["resolved_method"] == "ar"
+    assert main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--method", "fast", "--json",
+                 "--max-new-tokens", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["resolved_method"] == "lookup"  # fast without heads

@@ -7,6 +7,7 @@ from blockdraft.engine import DecodeConfig, generate
 from blockdraft.heads import load_heads
 from blockdraft.lookup import ContextLookup, find_continuation
 from blockdraft.refine.base import ArgmaxRefiner
+from blockdraft import sizing
 from blockdraft.sizing import CostCurve, cached_cost_curve
 from blockdraft.target import TargetModel
 from blockdraft.testing import random_heads, reference_greedy, tiny_decoder
@@ -83,7 +84,8 @@ def test_draft_vocab_restricts_drafts_and_survives_saving(tiny_models, tmp_path)
     assert got.ids == reference_greedy(model, prompt, 30)
 
 
-def test_cost_curve_is_measured_once_and_never_decreases(tiny_models, tmp_path):
+def test_cost_curve_is_measured_once_and_never_decreases(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(sizing, "BUSY_SPREAD", float("inf"))  # tiny forwards are noisy: cache whatever was measured
     target = TargetModel(tiny_models(0, torch.float32))
     key = {"model": "tiny", "threads": 1}
     curve = cached_cost_curve(target, key, tmp_path)
@@ -93,6 +95,19 @@ def test_cost_curve_is_measured_once_and_never_decreases(tiny_models, tmp_path):
     saved.write_text("{broken")
     assert isinstance(cached_cost_curve(target, key, tmp_path), CostCurve)  # a corrupt file is re-measured
     assert target.cache_length == 0
+
+
+def test_a_busy_curve_is_not_cached_and_calibrate_measures_again(tiny_models, tmp_path, monkeypatch):
+    target, key = TargetModel(tiny_models(0, torch.float32)), {"model": "tiny", "threads": 1}
+    monkeypatch.setattr(sizing, "BUSY_SPREAD", -1.0)  # every measurement looks busy
+    assert isinstance(cached_cost_curve(target, key, tmp_path), CostCurve) and not list(tmp_path.glob("*.json"))
+    monkeypatch.setattr(sizing, "BUSY_SPREAD", float("inf"))
+    first = cached_cost_curve(target, key, tmp_path)
+    measured = []
+    monkeypatch.setattr(sizing, "measure_cost_curve", lambda t, progress=False: measured.append(1) or first)
+    assert cached_cost_curve(target, key, tmp_path) == first and not measured  # cached
+    cached_cost_curve(target, key, tmp_path, remeasure=True)
+    assert measured == [1]
 
 
 @pytest.mark.parametrize("method", ["fast", "lookup", "bpd-ctx", "bpd-0gram-p4-fit-ctx"])

@@ -69,20 +69,21 @@ class Decoder:
         if rescorer is not None:
             self.rescorer_path, self._rescorer = Path(rescorer), None
 
-    def cost_curve(self):
+    def cost_curve(self, remeasure: bool = False):
         """The target's forward time per input size on this machine (for sized drafts); measured
-        once per model, device, dtype, thread count, CPU and decoder body, then read from the cache folder."""
+        once per model, device, dtype, thread count, CPU and decoder body, then read from the cache
+        folder; remeasure=True measures it again (and caches it unless the machine looked busy)."""
         from .cpu import cpu_model, linear_path
         from .models import cache_root
         from .sizing import cached_cost_curve
 
-        if self._cost is None:
+        if self._cost is None or remeasure:
             weight = self.target.lm_head.weight
             key = {"model": self.loaded.alias or self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
                    "dtype": str(weight.dtype), "threads": torch.get_num_threads(), "cpu": cpu_model(),
                    "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": linear_path(),
                    "body": self.target.path}
-            self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves")
+            self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves", remeasure)
         return self._cost
 
     def ngram(self):

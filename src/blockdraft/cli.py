@@ -59,7 +59,7 @@ def cmd_generate(args) -> None:
                           stop=tuple(args.stop or ()), system=args.system, on_text=stream,
                           temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                           seed=sampling.seed)
-    summary = {"text": result.text, "method": args.method, "model": dec.loaded.label, "heads": dec.heads_path,
+    summary = {"text": result.text, "method": args.method, "resolved_method": dec.spec(args.method).name, "model": dec.loaded.label, "heads": dec.heads_path,
                "new_tokens": result.new_tokens, "steps": result.steps,
                "block_efficiency": round(result.block_efficiency, 4), "seconds": round(result.seconds, 4),
                "tokens_per_s": round(result.new_tokens / result.seconds, 2) if result.seconds else 0.0,
@@ -72,6 +72,17 @@ def cmd_generate(args) -> None:
               f"(block efficiency {summary['block_efficiency']:.2f}), {summary['seconds']:.2f} s, "
               f"{summary['tokens_per_s']:.1f} tokens/s, stop: {summary['stop_reason']}"
               + (f", seed {result.seed}" if result.seed is not None else ""), file=sys.stderr)
+
+
+def cmd_calibrate(args) -> None:
+    """Measure this machine's forward-cost curve again (what sized drafts, e.g. `fast`, are fitted to)."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    curve = _decoder(args).cost_curve(remeasure=True)
+    print(json.dumps({"tokens": curve.tokens, "ms": [round(1000 * s, 2) for s in curve.seconds],
+                      "spread": round(curve.spread, 3), "threads": torch.get_num_threads()}))
 
 
 def cmd_prompts(args) -> None:
@@ -232,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with the text and statistics")
     sampling_args.add_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="measure this machine's forward-cost curve again (sized drafts, e.g. fast)")
+    _model_args(p)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_calibrate, heads=None)
 
     p = sub.add_parser("prompts", help="build the mixed training-prompt JSONL from the prompt corpora")
     p.add_argument("--source", required=True, help="folder of the prompt corpora (e.g. ../shared/data/train_prompts)")

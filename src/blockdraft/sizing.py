@@ -28,6 +28,7 @@ class CostCurve:
 
     tokens: tuple[int, ...]  # measured input sizes, increasing
     seconds: tuple[float, ...]
+    spread: float = 0.0  # median over sizes of (p90 - p10) / median of the rounds: a busy machine shows here
 
     def __call__(self, n: int) -> float:
         if n >= self.tokens[-1]:  # extrapolate with the last segment's slope
@@ -64,28 +65,41 @@ def measure_cost_curve(target, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), context
     bar.close()
     target.reset()
     medians = np.maximum.accumulate([float(np.median(runs[n])) for n in sizes])
-    return CostCurve(tuple(sizes), tuple(medians.tolist()))
+    spread = float(np.median([(np.percentile(runs[n], 90) - np.percentile(runs[n], 10)) / np.median(runs[n])
+                              for n in sizes]))
+    return CostCurve(tuple(sizes), tuple(medians.tolist()), spread)
 
 
-def cached_cost_curve(target, key: dict, folder: Path) -> CostCurve:
+BUSY_SPREAD = 0.25  # a curve whose rounds spread more than this was measured on a busy machine: not cached
+
+
+def cached_cost_curve(target, key: dict, folder: Path, remeasure: bool = False) -> CostCurve:
     """The cost curve for this model on this machine, measured once and kept as JSON in `folder`.
 
     `key` names what the curve depends on (model weights, device, dtype, threads, CPU...); a new
-    key measures again (about 6 s for SmolLM2-135M here). Delete the file to re-measure.
+    key measures again (about 6 s for SmolLM2-135M here), and so does remeasure=True
+    (`blockdraft calibrate`). A curve whose rounds spread widely (a busy machine) is used but not
+    cached, so the next run measures again.
     """
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(folder) / f"cost-curve-{name}.json"
-    try:
-        saved = json.loads(path.read_text())
-        return CostCurve(tuple(saved["tokens"]), tuple(saved["seconds"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    print(f"[blockdraft] first sized draft for this model and machine: measuring the forward-cost curve once "
-          f"(seconds to minutes on a busy CPU), cached in {path}", file=sys.stderr, flush=True)
+    if not remeasure:
+        try:
+            saved = json.loads(path.read_text())
+            return CostCurve(tuple(saved["tokens"]), tuple(saved["seconds"]), float(saved.get("spread", 0.0)))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        print(f"[blockdraft] first sized draft for this model and machine: measuring the forward-cost curve once "
+              f"(seconds to minutes on a busy CPU), cached in {path}", file=sys.stderr, flush=True)
     curve = measure_cost_curve(target, progress=True)
+    if curve.spread > BUSY_SPREAD:
+        print(f"[blockdraft] the cost curve's rounds spread {curve.spread:.0%} (a busy machine?): used now, "
+              "not cached; `blockdraft calibrate` on a quiet machine keeps one", file=sys.stderr, flush=True)
+        return curve
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, "tokens": curve.tokens, "seconds": curve.seconds}, indent=1) + "\n")
+        path.write_text(json.dumps({"key": key, "tokens": curve.tokens, "seconds": curve.seconds,
+                                    "spread": curve.spread}, indent=1) + "\n")
     except OSError:
         pass  # a read-only cache only costs a re-measurement next time
     return curve
