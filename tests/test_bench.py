@@ -72,8 +72,10 @@ def test_results_schema(bench):
         ours = name in ("ar", "bpd")
         assert (entry["overall"]["mean_accepted"] is not None) == ours
         assert (entry["overall"]["forward_seconds"] is not None) == ours
+        ttft = entry["overall"]["ttft_s"]
+        assert (ttft is not None) == ours and (not ours or 0 < ttft < entry["overall"]["seconds"])
     text = (out / "results.md").read_text()
-    assert "blockdraft bench --max-new-tokens 8" in text and "| bpd |" in text
+    assert "blockdraft bench --max-new-tokens 8" in text and "| bpd |" in text and "Time to first token" in text
     for png in ("block_efficiency.png", "speedup.png", "committed_per_step.png"):
         assert (out / png).stat().st_size > 0
 

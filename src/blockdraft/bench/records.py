@@ -21,3 +21,4 @@ class TurnRecord:
     forward_s: float | None  # sum of StepStats.forward_s (our engine only)
     draft_s: float | None  # sum of StepStats.draft_s: drafting + refinement (our engine only)
     peak_tree_nodes: int | None  # most tokens fed to one verification call
+    ttft_s: float | None = None  # time to the first token: prefill + the first step (our engine only)

@@ -39,6 +39,7 @@ def _summary(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> 
         "speedup_vs_ar": _speedup(rows, base, greedy) if base and seconds else None,
         "lossless_rate": fmean(r.ids == b.ids for r, b in zip(rows, base)) if base and greedy else None,
         "mean_accepted": fmean(a for r in rows for a in r.accepted) if ours and steps else None,
+        "ttft_s": fmean(r.ttft_s for r in rows) if rows and all(r.ttft_s is not None for r in rows) else None,
         "forward_seconds": sum(r.forward_s for r in rows) if ours else None,
         "draft_seconds": sum(r.draft_s for r in rows) if ours else None,
     }
@@ -135,7 +136,8 @@ def markdown(results: dict) -> str:
     lines += _table(["method", "block efficiency", "tokens/s", "speed-up vs ar", "lossless vs ar", "mean accepted",
                      "added MB"], overall)
     for title, key in (("Block efficiency (new tokens per base-model call)", "block_efficiency"),
-                       ("Speed-up vs ar (wall clock)", "speedup_vs_ar")):
+                       ("Speed-up vs ar (wall clock)", "speedup_vs_ar"),
+                       ("Time to first token, seconds (prefill + first step; our engine)", "ttft_s")):
         lines += ["", f"## {title}", ""]
         lines += _table(["method"] + cols, [[m] + [_fmt(_cell(results, m, c, key)) for c in cols] for m in methods])
     lines += _spec_bench_tables(results, methods, cols)

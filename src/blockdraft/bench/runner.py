@@ -246,7 +246,8 @@ def measure(decoder: Decoder, log: CallLog, name: str, run: TurnFn, ids: list[in
         ids=turn.ids, text=decoder.tokenizer.decode(turn.ids, skip_special_tokens=True), seconds=seconds,
         steps=steps, committed=committed, accepted=[s.accepted for s in stats] if stats is not None else None,
         forward_s=sum(s.forward_s for s in stats) if stats is not None else None,
-        draft_s=sum(s.draft_s for s in stats) if stats is not None else None, peak_tree_nodes=peak)
+        draft_s=sum(s.draft_s for s in stats) if stats is not None else None, peak_tree_nodes=peak,
+        ttft_s=turn.result.prefill_s + stats[0].forward_s + stats[0].draft_s if stats else None)
 
 
 def ask(decoder: Decoder, log: CallLog, name: str, run: TurnFn, question: dict,
