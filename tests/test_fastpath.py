@@ -7,7 +7,7 @@ from blockdraft.drafting import HeadsDrafter
 from blockdraft.engine import DecodeConfig, generate
 from blockdraft.fastpath import LlamaFastPath, unsupported
 from blockdraft.refine.base import ArgmaxRefiner
-from blockdraft.target import TargetModel
+from blockdraft.target import TREE_SLACK, TargetModel
 from blockdraft.testing import random_heads, reference_greedy, tiny_llama
 from blockdraft.tree import build_tree
 
@@ -52,12 +52,14 @@ def test_logits_equal_transformers(dtype, seed, onednn):
 def test_cache_grows_past_its_first_capacity():
     model = tiny_llama(1, torch.float64, max_positions=256)
     target = TargetModel(model, cache_capacity=4)
-    assert target.runner.capacity == 4
     prompt = list(range(3, 12))
+    target.prefill(prompt[:-1])  # no reservation: the cache doubles as it fills
+    assert target.runner.capacity == 8 and target.runner.keys.shape[2] == 8
     drafter = HeadsDrafter(random_heads(model, 3, 1), model.get_output_embeddings())
     got = generate(target, drafter, ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=40))
     assert got.ids == reference_greedy(model, prompt, 40)
-    assert target.runner.capacity >= len(prompt) + 40 - 1 and target.runner.keys.shape[2] == target.runner.capacity
+    # the engine sizes the cache for the whole request once: prompt + budget + a tree's slack
+    assert target.runner.capacity == len(prompt) + 40 + TREE_SLACK == target.runner.keys.shape[2]
 
 
 def test_weights_changed_after_construction_are_picked_up():

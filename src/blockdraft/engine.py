@@ -47,7 +47,7 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
     (q = one-hot), exact for any drafter whose drafts are a function of the committed ids."""
     _check_request(target, prompt, cfg)
     rng = None if cfg.sampling.greedy else cfg.sampling.generator()
-    prefill_s = target.prefill(prompt[:-1])
+    prefill_s = target.prefill(prompt[:-1], reserve=len(prompt) + cfg.max_new_tokens)
     ids, out, stats = list(prompt), [], []
     drafts: list[list[int]] = []
     lattice: Lattice | None = None

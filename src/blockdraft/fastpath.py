@@ -71,6 +71,10 @@ class LlamaFastPath(nn.Module):
         self.layers: list[tuple] = []
         self._built_for: tuple = ()
 
+    def reserve(self, positions: int) -> None:
+        """Size the cache for at least `positions` at its next reset (it never shrinks)."""
+        self.capacity = max(self.capacity, positions)
+
     def reset(self) -> None:
         """Empty the cache; (re)build the fused weights if the model's weights changed since."""
         if self._built_for != self._weights_key():

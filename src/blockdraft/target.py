@@ -38,6 +38,9 @@ class TransformersBody:
     def length(self) -> int:
         return self.cache.get_seq_length() if self.cache is not None else 0
 
+    def reserve(self, positions: int) -> None:
+        """DynamicCache grows by itself; nothing to size."""
+
     def reset(self) -> None:
         from transformers import DynamicCache
 
@@ -63,6 +66,9 @@ class TransformersBody:
                 raise BlockdraftError("token-tree verification needs a plain dynamic KV cache (no sliding window)")
             layer.keys = layer.keys.index_select(-2, index)
             layer.values = layer.values.index_select(-2, index)
+
+
+TREE_SLACK = 256  # cache positions a step's draft tree may hold beyond the committed ones
 
 
 class TargetModel:
@@ -104,8 +110,11 @@ class TargetModel:
         self.calls = 0
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> float:
-        """Fill the cache with `ids` (the prompt without its last token); returns seconds."""
+    def prefill(self, ids: list[int], reserve: int = 0) -> float:
+        """Fill the cache with `ids` (the prompt without its last token); returns seconds. reserve:
+        the positions the whole request may take (prompt + budget), sized once so that memory does
+        not grow, nor the cache get copied, while the answer is written."""
+        self.runner.reserve(min(reserve, self.max_positions) + TREE_SLACK if reserve else 0)
         self.reset()
         began = time.perf_counter()
         if ids:
