@@ -17,7 +17,7 @@ from .errors import BlockdraftError
 from .heads import DraftHeads, load_heads
 from .methods import MethodSpec, Parts, build, settle, to_spec
 from .models import ALIASES, DEFAULT_MODEL, LoadedModel, load_model
-from .prompting import encode_chat
+from .prompting import check_text, encode_chat, stop_strings
 from .refine.base import Refiner
 from .sampling import parse_sampling
 from .target import TargetModel
@@ -221,7 +221,7 @@ class Decoder:
             raise BlockdraftError("this Decoder was released; build a new one")
         spec = self.spec(method if method is not None else self.method)  # a bad name fails before any work
         sampling = parse_sampling(temperature, top_k, top_p, seed)
-        stop = _stop_strings(stop)
+        stop = stop_strings(stop)
         _check_types(prompt, ids, answers, system, max_new_tokens, self.target.lm_head.weight.shape[0])
         if ids is None:
             if prompt is None:
@@ -249,39 +249,21 @@ def _check_types(prompt: object, ids: object, answers: object, system: object, m
                  vocab_size: int) -> None:
     """One line for a request the engine cannot take: wrong types, ids outside the vocabulary, text
     that is not valid UTF-8 (a lone surrogate from an undecodable byte)."""
-    def text(name: str, value: object) -> None:
-        if not isinstance(value, str):
-            raise BlockdraftError(f"{name} must be text, got {type(value).__name__}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise BlockdraftError(f"{name} is not valid UTF-8 text (an undecodable byte at character {exc.start})") from None
-
     if prompt is not None:
         turns = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(turns, (list, tuple)) or not turns:
             raise BlockdraftError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
         for turn in turns:
-            text("prompt", turn)
+            check_text("prompt", turn)
     for turn in answers or ():
-        text("answers", turn)
+        check_text("answers", turn)
     if system is not None:
-        text("system", system)
+        check_text("system", system)
     if ids is not None and (not isinstance(ids, (list, tuple)) or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids)):
         raise BlockdraftError(f"ids must be a list of token ids in [0, {vocab_size})")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise BlockdraftError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
-
-
-def _stop_strings(stop: object) -> tuple[str, ...]:
-    """Stop strings from a string or a sequence of strings; an empty one would end every answer at once."""
-    strings = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) for s in strings):
-        raise BlockdraftError(f"stop must be a string or a list of strings, got {stop!r}")
-    if any(s == "" for s in strings):
-        raise BlockdraftError("a stop string must not be empty")
-    return tuple(strings)
 
 
 class _StreamerFeed:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import typing
@@ -35,6 +36,7 @@ def _decoder(args):
 
 def cmd_generate(args) -> None:
     from .methods import parse
+    from .prompting import check_text, stop_strings
 
     parse(args.method)  # checked before the model loads: a bad request costs nothing
     sampling = sampling_args.from_arguments(args)
@@ -43,12 +45,8 @@ def cmd_generate(args) -> None:
         args.prompt = stdin.read().decode("utf-8", "surrogateescape") if stdin is not None else sys.stdin.read()
     if not args.prompt.strip():
         raise BlockdraftError("empty prompt: give some text to continue")
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise BlockdraftError(f"the prompt is not valid UTF-8 text (an undecodable byte at character {exc.start})") from None
-    if any(s == "" for s in args.stop or ()):
-        raise BlockdraftError("a stop string must not be empty")
+    check_text("the prompt", args.prompt)  # the API's checks, made before the model loads
+    stops = stop_strings(args.stop or ())
     if args.system is not None and args.raw:
         raise BlockdraftError("--system needs the chat template: drop --raw")
     if args.max_new_tokens <= 0:
@@ -56,9 +54,7 @@ def cmd_generate(args) -> None:
     dec = _decoder(args)
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     result = dec.generate(args.prompt, method=args.method, max_new_tokens=args.max_new_tokens, raw=args.raw,
-                          stop=tuple(args.stop or ()), system=args.system, on_text=stream,
-                          temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                          seed=sampling.seed)
+                          stop=stops, system=args.system, on_text=stream, **dataclasses.asdict(sampling))
     summary = {"text": result.text, "method": args.method, "resolved_method": dec.spec(args.method).name, "model": dec.loaded.label, "heads": dec.heads_path,
                "new_tokens": result.new_tokens, "steps": result.steps,
                "block_efficiency": round(result.block_efficiency, 4), "seconds": round(result.seconds, 4),

@@ -36,3 +36,24 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]
     return list(ids)
+
+
+def check_text(name: str, value: object) -> str:
+    """`value` if it is text that can be encoded (a lone surrogate from an undecodable byte cannot)."""
+    if not isinstance(value, str):
+        raise BlockdraftError(f"{name} must be text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BlockdraftError(f"{name} is not valid UTF-8 text (an undecodable byte at character {exc.start})") from None
+    return value
+
+
+def stop_strings(stop: object) -> tuple[str, ...]:
+    """Stop strings from a string or a sequence of strings; an empty one would end every answer at once."""
+    strings = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) for s in strings):
+        raise BlockdraftError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(s == "" for s in strings):
+        raise BlockdraftError("a stop string must not be empty")
+    return tuple(strings)

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,8 +86,7 @@ class Service:
         with self.lock:
             try:
                 return self.decoder.generate(ids=job.ids, method=job.method, max_new_tokens=job.max_new_tokens,
-                                             stop=job.stop, on_text=on_text, temperature=job.sampling.temperature,
-                                             top_k=job.sampling.top_k, top_p=job.sampling.top_p, seed=job.sampling.seed)
+                                             stop=job.stop, on_text=on_text, **asdict(job.sampling))
             except BlockdraftError as exc:
                 raise ApiError(400, str(exc)) from None
 

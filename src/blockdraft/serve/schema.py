@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import BlockdraftError
+from ..prompting import stop_strings
 from ..sampling import Sampling, parse_sampling
 
 
@@ -65,10 +66,10 @@ class _Request(BaseModel):
     method: str | None = None  # blockdraft's own: the decoding method (default: the server's)
 
     def stops(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(not s for s in stops):
-            raise ApiError(400, "stop strings must not be empty", param="stop")
-        return tuple(stops)
+        try:
+            return stop_strings(self.stop if self.stop is not None else ())
+        except BlockdraftError as exc:
+            raise ApiError(400, str(exc), param="stop") from None
 
     def sampling(self, default: Sampling) -> Sampling:
         """The request's sampling settings; what it leaves out comes from the server's `default`."""
