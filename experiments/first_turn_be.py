@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 
 
-def run(methods: list[str], out: Path, max_minutes: float, max_new_tokens: int, threads: int, heads: str) -> None:
+def run(methods: list[str], out: Path, max_minutes: float, max_new_tokens: int, threads: int, heads: str,
+        eagle: str | None = None) -> None:
     import blockdraft
     from blockdraft.bench.datasets import domain_of, load_questions
     from blockdraft.bench.runner import round_robin
 
     torch.set_num_threads(threads)
     done = {(r["question_id"], r["method"]) for r in _read(out)}
-    dec = blockdraft.load(heads=heads)
+    dec = blockdraft.load(heads=heads, eagle=eagle)
     began = time.time()
     with out.open("a", encoding="utf-8") as sink:
         for q in round_robin(load_questions()):
@@ -78,9 +79,10 @@ if __name__ == "__main__":
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--heads", default="default", help="draft heads folder (default: the shipped heads)")
+    ap.add_argument("--eagle", default=None, help="eagle drafter folder (default: the shipped one)")
     ap.add_argument("--summary", type=Path, help="print block efficiency per method and category of a finished run")
     args = ap.parse_args()
     if args.summary:
         summary(args.summary)
     else:
-        run(args.methods.split(","), args.out, args.max_minutes, args.max_new_tokens, args.threads, args.heads)
+        run(args.methods.split(","), args.out, args.max_minutes, args.max_new_tokens, args.threads, args.heads, args.eagle)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from blockdraft.drafting import HeadsDrafter, NoDrafter
+from blockdraft.eagle.model import random_eagle, save_eagle
 from blockdraft.engine import DecodeConfig, generate
 from blockdraft.errors import BlockdraftError
 from blockdraft.lookup import ContextLookup
@@ -20,9 +21,9 @@ from blockdraft.sizing import CostCurve, FittedRefiner
 from blockdraft.target import TargetModel
 from blockdraft.testing import random_heads, reference_greedy, tiny_decoder, tiny_llama
 
-BASE_NAMES = [*BASES, "bpd-ngram", "bpd-ngram-p4", "bpd-0gram-p1", "bpd-0gram-p4"]
+BASE_NAMES = [*(b for b in BASES if b != "eagle"), "bpd-ngram", "bpd-ngram-p4", "bpd-0gram-p1", "bpd-0gram-p4"]
 FAMILY = [base + suffix for base in BASE_NAMES for suffix in ("", "-fit", "-ctx", "-fit-ctx")]
-EVERY = list(dict.fromkeys([*PRESETS, *FAMILY]))
+EVERY = list(dict.fromkeys([*PRESETS, *FAMILY, "eagle-ctx"]))
 # A cost curve under which several draft nodes pay, so sized drafts are not always empty.
 CHEAP = CostCurve((1, 2, 4, 8, 16, 32), (1.0, 1.02, 1.05, 1.1, 1.3, 1.8))
 
@@ -38,11 +39,12 @@ def _parts(model, seed: int, chain: bool = False) -> Parts:
     lm.meta["alpha"] = {"default": 0.7, "writing": 0.3}
     rescorer = Rescorer(tiny_llama(seed + 10, torch.float32), {"default": 1.0})
     return Parts(model.get_output_embeddings(), heads=random_heads(model, 4, seed, chain=chain), ngram=lm,
-                 rescorer=rescorer, cost=CHEAP)
+                 rescorer=rescorer, cost=CHEAP, eagle=random_eagle(model, seed),
+                 embed=model.get_input_embeddings().weight)
 
 
 def test_presets_and_families_parse_to_their_canonical_names():
-    assert set(PRESETS) == {"ar", "bpd", "bpd-full", "lookup", "fast"}
+    assert set(PRESETS) == {"ar", "bpd", "bpd-full", "lookup", "fast", "eagle"}
     for name in EVERY:
         spec = parse(name)
         assert isinstance(spec, MethodSpec)
@@ -70,6 +72,8 @@ def test_presets_and_families_parse_to_their_canonical_names():
     ("lookup-fit", "lookup takes no suffix"),
     ("lookup-ctx", "lookup takes no suffix"),
     ("fast-ctx", "fast already"),
+    ("eagle-fit", "sizes its own tree"),
+    ("eagle-fit-ctx", "sizes its own tree"),
     ("bpd-ngram-p0", f"from 1 to {P_MAX}"),
     (f"bpd-ngram-p{P_MAX + 1}", f"from 1 to {P_MAX}"),
     ("bpd-0gram-p007", f"from 1 to {P_MAX}"),
@@ -88,7 +92,9 @@ def test_bad_names_are_refused_in_one_line(name, says):
 
 
 @pytest.mark.parametrize("fields,says", [
-    ({"drafter": "eagle"}, "unknown drafter"),
+    ({"drafter": "medusa"}, "unknown drafter"),
+    ({"drafter": "eagle"}, "takes the tree refiner"),
+    ({"drafter": "heads", "refiner": "tree"}, "takes the tree refiner"),
     ({"refiner": "beam"}, "unknown refiner"),
     ({"drafter": "heads", "topk": 0}, f"between 1 and {TOPK_MAX}"),
     ({"drafter": "heads", "topk": TOPK_MAX + 1}, f"between 1 and {TOPK_MAX}"),
@@ -196,6 +202,8 @@ def test_decoder_runs_every_preset(name, tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "rescorer")
     (tmp_path / "rescorer" / "rescorer.json").write_text('{"alpha": {"default": 1.0}}')
     dec.use_refiner_files(rescorer=tmp_path / "rescorer")
+    save_eagle(random_eagle(dec.loaded.model, 2), tmp_path / "eagle")
+    dec.use_eagle(tmp_path / "eagle")
     prompt = _prompt(2)
     want = dec.generate(ids=prompt, method="ar", max_new_tokens=20)
     got = dec.generate(ids=prompt, method=name, max_new_tokens=20)

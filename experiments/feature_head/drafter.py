@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from blockdraft.drafting import entropy, top_candidates
+from blockdraft.drafting import ReadsLastHidden, entropy, top_candidates
 from blockdraft.heads import top_chance
 from blockdraft.types import Lattice
 
 from .model import FeatureHead, KVCache
 
 
-class FeatureDrafter:
+class FeatureDrafter(ReadsLastHidden):
     """The context-reading feature head (model.py): it first takes in the step's
     committed positions (its KV cache grows with the answer), then drafts one token at a time."""
 

@@ -34,6 +34,14 @@ def shipped_heads(alias: str | None) -> Path | None:
     return path if (path / "config.json").exists() else None
 
 
+def shipped_eagle(alias: str | None) -> Path | None:
+    """The eagle drafter bundled with the package for a model alias (None for any other model)."""
+    if alias not in ALIASES:
+        return None
+    path = ASSETS / "eagle" / alias
+    return path if (path / "config.json").exists() else None
+
+
 def shipped_refiner(alias: str | None, name: str) -> Path | None:
     """A bundled refiner resource (`ngram.npz` or the `rescorer` folder) for a model alias."""
     if alias not in ALIASES:
@@ -59,7 +67,28 @@ class Decoder:
         self.released = False
         self.ngram_path = shipped_refiner(loaded.alias, "ngram.npz")
         self.rescorer_path = shipped_refiner(loaded.alias, "rescorer")
-        self._ngram = self._rescorer = self._cost = None
+        self.eagle_path = shipped_eagle(loaded.alias)
+        self._ngram = self._rescorer = self._cost = self._eagle = None
+
+    def use_eagle(self, folder: str | Path) -> None:
+        """Draft `eagle` methods with the eagle drafter in this folder from now on (loaded on first use)."""
+        self.eagle_path, self._eagle = Path(folder), None
+
+    def eagle(self):
+        """The eagle draft layer (loaded once; bfloat16 where the CPU has native bfloat16, as the heads)."""
+        from .cpu import fast_bfloat16
+        from .eagle.model import load_eagle
+
+        if self._eagle is None:
+            if self.eagle_path is None:
+                raise BlockdraftError(f"no eagle drafter for {self.loaded.name!r}: train one with `blockdraft train-eagle` "
+                                      "and pass it with --eagle (Decoder.use_eagle)")
+            model = self.loaded.model
+            bf16 = model.dtype == torch.float32 and self.loaded.device.type == "cpu" and fast_bfloat16()
+            layer = load_eagle(self.eagle_path, dtype=torch.bfloat16 if bf16 else model.dtype, device=self.loaded.device)
+            layer.check_compatible(model, self.loaded.fingerprint)
+            self._eagle = layer
+        return self._eagle
 
     def use_refiner_files(self, ngram: str | Path | None = None, rescorer: str | Path | None = None) -> None:
         """Read the n-gram LM and/or the neural rescorer from these files from now on (instead of
@@ -126,7 +155,10 @@ class Decoder:
     def parts(self, spec: MethodSpec) -> Parts:
         """The parts a spec needs, loaded once each; a missing one is a one-line error."""
         needs = spec.needs
+        eagle = "eagle" in needs
         return Parts(self.target.lm_head, heads=self.require_heads() if "heads" in needs else None,
+                     eagle=self.eagle() if eagle else None,
+                     embed=self.loaded.model.get_input_embeddings().weight if eagle else None,
                      ngram=self.ngram() if "ngram" in needs else None,
                      rescorer=self.rescorer() if "rescorer" in needs else None,
                      cost=self.cost_curve() if "cost" in needs else None)
@@ -329,7 +361,8 @@ def _draft_heads(loaded: LoadedModel, heads, cpu_fast_path: bool) -> tuple[Draft
 
 
 def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str = "float32",
-         device: str | None = None, onednn: bool = True, offline: bool | None = None) -> Decoder:
+         device: str | None = None, onednn: bool = True, offline: bool | None = None,
+         eagle: str | Path | None = None) -> Decoder:
     """Load a target model and draft heads. heads="default" picks the shipped heads of a known
     alias (also when the model is given as a folder holding that alias's weights); other models
     have none unless a heads folder is given.
@@ -342,6 +375,7 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     included; masked attention runs on the grouped key/value heads (blockdraft.cpu.grouped_kv_sdpa).
     Both changes are made in place on the model this call loads (`dec.loaded.model`);
     `dec.release()` undoes them. Draft heads run in bfloat16 where the CPU has native bfloat16.
+    eagle: an eagle drafter folder (default: the shipped one of a known alias), loaded and checked now.
     """
     from .cpu import attend_with_grouped_kv, use_onednn_linears
 
@@ -353,4 +387,7 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
         swapped, replaced = use_onednn_linears(loaded.model), attend_with_grouped_kv(loaded.model)
     dec = Decoder(loaded, draft_heads, path)
     dec.swapped_linears, dec.replaced_attention = swapped, replaced
+    if eagle is not None:
+        dec.use_eagle(eagle)
+        dec.eagle()  # a wrong or broken folder fails here, in one line
     return dec

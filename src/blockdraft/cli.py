@@ -31,7 +31,7 @@ def _decoder(args):
     """The Decoder of a command with --model, --heads, --dtype, --device and --offline."""
     import blockdraft
     return blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device,
-                           offline=args.offline)
+                           offline=args.offline, eagle=getattr(args, "eagle", None))
 
 
 def cmd_generate(args) -> None:
@@ -135,6 +135,36 @@ def cmd_train_heads(args) -> None:
     print(f"heads saved to {args.out}")
 
 
+def cmd_train_eagle(args) -> None:
+    from .train.eagle import EagleTrainConfig, chain_acceptance, train_eagle
+
+    cfg = config_from_arguments(EagleTrainConfig, args)
+    check_free(args.out)  # a folder holding anything is refused before the model loads (--init may not be --out)
+    with FolderLock(args.out):
+        info = train_eagle(_load(args), args.corpus, args.out, cfg, init=args.init)
+    top1 = info["heldout_top1_by_step"]
+    print(f"eagle drafter saved to {args.out}: held-out top-1 by drafted token {top1} "
+          f"(~{chain_acceptance(top1):.2f} tokens kept per chain), {info['epochs']} epochs in {info['seconds']:.0f} s")
+
+
+def cmd_export(args) -> None:
+    from pathlib import Path
+
+    from .export import export_eagle3, export_medusa
+    from .models import ALIASES
+
+    check_free(args.out)  # nothing is overwritten: a folder holding anything is refused before the model loads
+    dec = _decoder(args)
+    model = dec.loaded.model
+    with FolderLock(args.out):
+        if args.format == "eagle3":
+            verifier = ALIASES[dec.loaded.alias].upstream if dec.loaded.alias in ALIASES else dec.loaded.name
+            export_eagle3(dec.eagle(), model, Path(args.out), verifier)
+        else:
+            export_medusa(dec.require_heads(), model, Path(args.out))
+    print(f"{args.format} checkpoint written to {args.out}")
+
+
 def cmd_train_rescorer(args) -> None:
     from .train.rescorer import RescorerTrainConfig, train_rescorer
     cfg = config_from_arguments(RescorerTrainConfig, args)
@@ -210,6 +240,12 @@ HEADS_HELP = {"num_heads": "K draft heads", "lr": "peak learning rate after warm
               "chain": "chained heads: head j also reads the j tokens before its target (drafted one after another)",
               "init": "start from these trained heads (e.g. plain heads for --chain) instead of zeros"}
 
+EAGLE_HELP = {"draft_vocab": "draft-vocabulary size (the most frequent answer tokens)",
+              "unroll": "training-time-test steps: tokens drafted on the layer's own outputs while training",
+              "max_records": "corpus answers to train on (spread over the corpus)",
+              "max_tokens": "answers longer than this (prompt + answer) are left out", "max_seconds": TIME_BUDGET,
+              "batch_tokens": "padded tokens per optimiser step", "heldout": "share of answers held out for accuracy"}
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its usage errors on one line (exit 2), like every other error of the CLI."""
@@ -221,6 +257,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .train.distill import DistillConfig
     from .train.heads import HeadsTrainConfig
+    from .train.eagle import EagleTrainConfig
     from .train.rescorer import RescorerTrainConfig
 
     parser = OneLineParser(prog="blockdraft", description="Lossless blockwise parallel decoding.")
@@ -232,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the user message (chat template applied unless --raw); - reads it from stdin")
     p.add_argument("--system", default=None, help="a system message, through the model's chat template")
     p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
-    p.add_argument("--method", default="fast", help="fast (default: heads + n-gram + context, sized to this machine), bpd (heads only), ar (plain decoding), lookup, or a refined method")
+    p.add_argument("--method", default="fast", help="fast (default: heads + n-gram + context, sized to this machine), bpd (heads only), eagle (the eagle drafter's tree), ar (plain decoding), lookup, or a refined method")
+    p.add_argument("--eagle", default=None, help="eagle drafter folder for the eagle methods (default: the shipped one for the model)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
@@ -279,6 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder written by `blockdraft distill`")
     p.add_argument("--size", type=int, default=16384)
     p.set_defaults(func=cmd_draft_vocab)
+
+    p = sub.add_parser("train-eagle", help="train the eagle draft layer on the committed corpus (features recomputed, cached)")
+    _model_args(p)
+    p.add_argument("--corpus", default="corpus/smollm2-135m", help="corpus folder (default: %(default)s)")
+    p.add_argument("--out", required=True, help="folder for the drafter (safetensors + config.json)")
+    p.add_argument("--init", default=None, help="go on training this eagle drafter (its layers and draft vocabulary)")
+    add_config_arguments(p, EagleTrainConfig, help=EAGLE_HELP)
+    p.set_defaults(func=cmd_train_eagle)
+
+    p = sub.add_parser("export", help="write a drafter in a serving engine's layout (vLLM, SGLang, llama.cpp)")
+    _model_args(p)
+    p.add_argument("--format", required=True, choices=["eagle3", "medusa"],
+                   help="eagle3: the eagle drafter, speculators layout; medusa: plain BPD heads, vLLM's Medusa layout")
+    p.add_argument("--out", required=True, help="new folder for the checkpoint (config.json + model.safetensors)")
+    p.add_argument("--eagle", default=None, help="eagle drafter folder (default: the shipped one for the model)")
+    p.add_argument("--heads", default=None, help="draft heads folder for medusa (default: the shipped heads)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-rescorer", help="train the small causal LM used for local neural rescoring")
     _model_args(p)

@@ -15,20 +15,39 @@ from .types import Lattice
 
 
 class Drafter(Protocol):
+    # The target states the drafter reads: None, the final hidden state of each step's committed
+    # nodes (nothing of the prompt); a tuple, the outputs of those decoder layers, concatenated,
+    # for the prompt (`begin`) and for each step's committed nodes (`propose`).
+    layers: tuple[int, ...] | None
+
+    def begin(self, states: torch.Tensor | None, prompt: list[int]) -> None:
+        """A new answer: the prompt's states [P - 1, S] (all but its last, pending token; None when
+        `layers` is None)."""
+        ...
+
     def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice | None:
         """hidden [N, H] at the step's committed nodes (the pending token and the accepted draft
         tokens, oldest first); context = prompt + committed ids, whose last N came after them."""
         ...
 
 
-class NoDrafter:
+class ReadsLastHidden:
+    """Base of drafters that read only the final hidden state of each step's committed nodes."""
+
+    layers: tuple[int, ...] | None = None
+
+    def begin(self, states: torch.Tensor | None, prompt: list[int]) -> None:
+        pass
+
+
+class NoDrafter(ReadsLastHidden):
     """Plain autoregressive decoding: an empty draft, so each step commits one token."""
 
     def propose(self, hidden: torch.Tensor, context: list[int]) -> Lattice | None:
         return None
 
 
-class HeadsDrafter:
+class HeadsDrafter(ReadsLastHidden):
     """BPD heads on the hidden state: the top-k of each draft head is one lattice row."""
 
     def __init__(self, heads: DraftHeads, lm_head: torch.nn.Module, topk: int = 1, num_heads: int | None = None,

@@ -7,7 +7,7 @@ Each step (Stern et al. 2018, with Kim et al. 2024's refinement stage):
                target's own next token (bonus or recovered): `committed` tokens; under
                sampling, speculative sampling over the tree (verify.accept_sampled) instead
   4. commit  = the cache keeps the path only (invariant: cache length == len(ids) - 1)
-  5. draft   = heads on the hidden states of the committed nodes -> lattice -> refiner ->
+  5. draft   = the drafter on the states of the committed nodes -> lattice -> refiner ->
                drafts for the next step (no extra target call); a refiner may add drafts
                copied from the context (blockdraft.lookup)
 Plain decoding is the same loop with an empty draft, so comparisons are fair.
@@ -47,7 +47,9 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
     (q = one-hot), exact for any drafter whose drafts are a function of the committed ids."""
     _check_request(target, prompt, cfg)
     rng = None if cfg.sampling.greedy else cfg.sampling.generator()
-    prefill_s = target.prefill(prompt[:-1], reserve=len(prompt) + cfg.max_new_tokens)
+    prefill_s, prompt_states = target.prefill(prompt[:-1], reserve=len(prompt) + cfg.max_new_tokens,
+                                              layers=drafter.layers)
+    drafter.begin(prompt_states, prompt)
     ids, out, stats = list(prompt), [], []
     drafts: list[list[int]] = []
     lattice: Lattice | None = None
@@ -59,7 +61,7 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
         tree = build_tree(ids[-1], [d[:room - 1] for d in drafts], cfg.max_tree_nodes)
         # 2. one target forward; 3. acceptance (greedy, or speculative sampling)
         t0 = time.perf_counter()
-        logits, hidden = target.forward(tree)
+        logits, hidden = target.forward(tree, layers=drafter.layers)
         if rng is None:
             verdict = accept_greedy(tree, logits.argmax(-1))
         else:
@@ -77,7 +79,7 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
             on_commit(new)
         if not reason and len(ids) >= target.max_positions:
             reason = "context"
-        # 5. draft the next block from the last accepted node's hidden state
+        # 5. draft the next block from the committed nodes' states
         t1 = time.perf_counter()
         verified = (lattice, drafts[0] if drafts else None)
         if not reason:

@@ -121,8 +121,10 @@ class LlamaFastPath(nn.Module):
         grown[1][:, :, : self.length] = self.values[:, :, : self.length]
         self.keys, self.values = grown
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        """Final hidden states [N, H] of `tokens` [N] at `positions` [N], appended to the cache.
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
+                layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final hidden states [N, H] of `tokens` [N] at `positions` [N], appended to the cache, and
+        the outputs of decoder `layers`, concatenated [N, len(layers) * H] (None without layers).
 
         allowed [N, length + N] (True = may attend) gives a tree's visibility; None means causal.
         """
@@ -135,6 +137,7 @@ class LlamaFastPath(nn.Module):
             allowed = torch.ones(n, end, dtype=torch.bool).tril(past)
         causal = allowed is None and n > 1
         split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        kept = {}
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
             q, k, v = qkv(norm1(x)).split(split, -1)
             q, k = apply_rotary_pos_emb(self._heads(q, n), self._heads(k, n), cos, sin)
@@ -146,8 +149,10 @@ class LlamaFastPath(nn.Module):
             x = x + out(att.transpose(1, 2).reshape(1, n, -1))
             gate, up = gate_up(norm2(x)).chunk(2, -1)
             x = x + down(F.silu(gate) * up)
+            if i in layers:
+                kept[i] = x[0]
         self.length = end
-        return self.body.norm(x)[0]
+        return self.body.norm(x)[0], torch.cat([kept[i] for i in layers], -1) if layers else None
 
     def crop(self, tokens: int) -> None:
         """Forget the last `tokens` cached positions."""

@@ -191,7 +191,8 @@ class DraftRows(nn.Module):
         return (lambda states: nn.functional.linear(states.to(dtype), rows)), vocab
 
 
-def save_drafter(module: nn.Module, kind: str, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+def save_drafter(module: nn.Module, kind: str, folder: str | Path, dtype: torch.dtype = torch.float16,
+                 weights_file: str = WEIGHTS_FILE) -> Path:
     """Write a drafter's safetensors weights (floats in `dtype`) + its JSON config (with `kind`) into `folder`."""
     from safetensors.torch import save_file
 
@@ -199,7 +200,7 @@ def save_drafter(module: nn.Module, kind: str, folder: str | Path, dtype: torch.
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in module.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": kind})
+    save_file(state, str(folder / weights_file), metadata={"format": kind})
     (folder / CONFIG_FILE).write_text(json.dumps({"format": kind, **asdict(module.config)}, indent=2) + "\n")
     return folder
 

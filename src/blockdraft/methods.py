@@ -3,8 +3,9 @@
 
 Names, one spelling each (`parse` refuses any other in one line, before a model loads):
 
-    ar | lookup | fast                  presets (PRESETS)
+    ar | lookup | fast | eagle          presets (PRESETS)
     BASE[-fit][-ctx]                    BASE = bpd | bpd-full | bpd-ngram[-p{P}] | bpd-0gram-p{P} | bpd-neural
+    eagle[-ctx]                         the eagle drafter's own tree (it sizes the tree itself: no -fit)
 
 `-fit` sizes a heads method's drafts to this machine's cost curve (blockdraft.sizing); `-ctx`
 adds a draft looked up in the context (blockdraft.lookup); in that order. 1 <= P <= P_MAX.
@@ -22,12 +23,13 @@ from typing import TYPE_CHECKING, Callable
 from .drafting import Drafter, HeadsDrafter, NoDrafter
 from .errors import BlockdraftError
 from .lookup import ContextLookup
-from .refine.base import ArgmaxRefiner, Refiner
+from .refine.base import ArgmaxRefiner, Refiner, TreeRefiner
 from .sizing import FittedRefiner
 
 if TYPE_CHECKING:
     import torch
 
+    from .eagle.model import EagleLayer
     from .heads import DraftHeads
     from .refine.neural import Rescorer
     from .refine.ngram import NgramLM
@@ -48,10 +50,10 @@ FAST_PBEST = 4  # drafts per step of the default method before sizing (README: "
 class MethodSpec:
     """One decoding method. Invalid combinations are refused in one line when the spec is made."""
 
-    drafter: str = "none"  # "none" (plain decoding: no lattice) or "heads" (the loaded draft heads); see DRAFTERS
+    drafter: str = "none"  # "none" (plain decoding: no lattice), "heads" (the loaded draft heads) or "eagle"; see DRAFTERS
     topk: int = 1  # candidates per draft position in the lattice
     stop: float = 0.0  # end a draft where the heads' chance of its argmax chain falls below this (0: never)
-    refiner: str = "argmax"  # "argmax" (each head's top-1), "pbest" (p best lattice paths) or "neural"
+    refiner: str = "argmax"  # "argmax" (each head's top-1), "pbest" (p best lattice paths), "neural" or "tree" (eagle's own)
     p: int = 1  # drafts per step ("pbest")
     alpha: float | None = None  # rescoring weight; None: the tuned one for the prompt's domain; "pbest" with 0: no n-gram LM
     fit: bool = False  # trim the drafts to the nodes that pay for their forward time on this machine
@@ -106,6 +108,10 @@ def _problem(spec: MethodSpec) -> str:
         return f"the {spec.refiner} refiner reads a lattice: it needs a drafter"
     if spec.drafter == "none" and spec.fit:
         return "-fit sizes drafted blocks by their probabilities: it needs a drafter (ar and lookup have none)"
+    if (spec.drafter == "eagle") != (spec.refiner == "tree"):
+        return "the eagle drafter drafts its own tree: it takes the tree refiner, and only it does"
+    if spec.drafter == "eagle" and (spec.fit or spec.topk != 1 or spec.stop):
+        return "the eagle drafter sizes its own tree: no -fit, top-k or stop threshold"
     return ""
 
 
@@ -119,6 +125,8 @@ class Parts:
 
     lm_head: "torch.nn.Module"  # the target's output projection (drafters project through it)
     heads: "DraftHeads | None" = None
+    eagle: "EagleLayer | None" = None
+    embed: "torch.Tensor | None" = None  # the target's input embedding (the eagle drafter reads it)
     ngram: "NgramLM | None" = None
     rescorer: "Rescorer | None" = None
     cost: "CostCurve | None" = None
@@ -156,8 +164,19 @@ def _heads_drafter(spec: MethodSpec, parts: Parts, record: bool) -> Drafter:
     return HeadsDrafter(parts.require("heads"), parts.lm_head, topk=spec.topk, with_entropy=record, stop_below=spec.stop)
 
 
+def _eagle_drafter(spec: MethodSpec, parts: Parts, record: bool) -> Drafter:
+    """The loaded eagle layer, drafting a tree from the target's fused features."""
+    from .eagle.drafter import EagleDrafter
+
+    return EagleDrafter(parts.require("eagle"), parts.require("embed"), cost=parts.require("cost"))
+
+
 def _argmax(spec: MethodSpec, parts: Parts, domain: str | None) -> Refiner:
     return ArgmaxRefiner()
+
+
+def _tree(spec: MethodSpec, parts: Parts, domain: str | None) -> Refiner:
+    return TreeRefiner()
 
 
 def _pbest(spec: MethodSpec, parts: Parts, domain: str | None) -> Refiner:
@@ -182,10 +201,12 @@ def pick_alpha(table: dict, domain: str | None) -> float:
     return float(table.get(domain or "", table.get("default", 1.0)))
 
 
-DRAFTERS: dict[str, Callable[[MethodSpec, Parts, bool], Drafter]] = {"none": _no_drafter, "heads": _heads_drafter}
-NEEDS: dict[str, tuple[str, ...]] = {"none": (), "heads": ("heads",)}  # the parts each drafter reads
+DRAFTERS: dict[str, Callable[[MethodSpec, Parts, bool], Drafter]] = {
+    "none": _no_drafter, "heads": _heads_drafter, "eagle": _eagle_drafter}
+# the parts each drafter reads (the eagle drafter sizes its tree by the cost curve itself)
+NEEDS: dict[str, tuple[str, ...]] = {"none": (), "heads": ("heads",), "eagle": ("eagle", "cost")}
 REFINERS: dict[str, Callable[[MethodSpec, Parts, str | None], Refiner]] = {
-    "argmax": _argmax, "pbest": _pbest, "neural": _neural}
+    "argmax": _argmax, "pbest": _pbest, "neural": _neural, "tree": _tree}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,14 +222,16 @@ PRESETS: dict[str, MethodSpec] = {
     # trimmed to the nodes that pay for their forward time -> plus a context lookup draft.
     "fast": MethodSpec(drafter="heads", topk=LATTICE_TOPK, stop=FIT_STOP, refiner="pbest", p=FAST_PBEST,
                        fit=True, context=True, best_effort=True),
+    "eagle": MethodSpec(drafter="eagle", refiner="tree"),
 }
 # The heads methods that take -fit and -ctx (families with a p are parsed in `_base`).
 BASES: dict[str, MethodSpec] = {
     "bpd": PRESETS["bpd"],
     "bpd-full": PRESETS["bpd-full"],
     "bpd-neural": MethodSpec(drafter="heads", topk=LATTICE_TOPK, refiner="neural"),
+    "eagle": PRESETS["eagle"],
 }
-FAMILY_HELP = ["bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural", "{method}-fit", "{method}-ctx",
+FAMILY_HELP = ["eagle-ctx", "bpd-ngram", "bpd-ngram-p{P}", "bpd-0gram-p{P}", "bpd-neural", "{method}-fit", "{method}-ctx",
                "{method}-fit-ctx"]
 MAX_NAME = 120  # longer names are refused before parsing
 
@@ -245,6 +268,8 @@ def parse(name: str) -> MethodSpec:
                 "fast": "fast already sizes its drafts and looks up the context"}[rest]
         raise BlockdraftError(f"unknown method {shown!r}: {hint}")
     base = _base(rest, shown)
+    if fit and base.drafter == "eagle":
+        raise BlockdraftError(f"unknown method {shown!r}: eagle sizes its own tree to the cost curve (no -fit)")
     if fit:
         base = dataclasses.replace(base, topk=max(base.topk, FIT_TOPK), stop=max(base.stop, FIT_STOP), fit=True)
     return dataclasses.replace(base, context=context) if context else base
@@ -270,7 +295,7 @@ def _names_for(spec: MethodSpec) -> list[str]:
     names = list(PRESETS)
     bases = list(BASES) + ["bpd-ngram" if spec.p == 1 else f"bpd-ngram-p{spec.p}", f"bpd-0gram-p{spec.p}"]
     for base in bases:
-        names += [base, f"{base}-fit", f"{base}-ctx", f"{base}-fit-ctx"]
+        names += [base, f"{base}-ctx"] if base == "eagle" else [base, f"{base}-fit", f"{base}-ctx", f"{base}-fit-ctx"]
     return names
 
 

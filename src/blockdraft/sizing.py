@@ -49,7 +49,7 @@ def measure_cost_curve(target, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), context
     context = max(1, min(context, target.max_positions - max(sizes) - 1))
     filler = [(t * 7919 + 100) % vocab for t in range(context)]
     runs: dict[int, list[float]] = {n: [] for n in sizes}
-    target.prefill(filler)
+    target.prefill(filler)  # the cost of a tree's forward does not depend on the prompt's states
     # progress: a bar on a terminal (disable=None: none elsewhere), as a first run takes seconds to minutes
     bar = tqdm(total=(rounds + 1) * len(sizes), desc="cost curve", unit="forward", leave=False,
                disable=None if progress else True)
@@ -121,13 +121,7 @@ def fit_drafts(drafts: list[list[int]], lattice: Lattice, cost: CostCurve) -> li
             p *= rows[j].get(token, 0.0) if j < len(rows) else 0.0
             nodes.setdefault(tuple(draft[: j + 1]), p)
     ranked = sorted(nodes.items(), key=lambda kv: (-kv[1], len(kv[0])))  # parents first on ties
-    best_n, best_rate, gain = 0, 1.0 / cost(1), 0.0
-    for n, (_, p) in enumerate(ranked, start=1):
-        gain += p
-        rate = (1.0 + gain) / cost(1 + n)
-        if rate > best_rate:
-            best_n, best_rate = n, rate
-    kept = {path for path, _ in ranked[:best_n]}
+    kept = {path for path, _ in ranked[:profitable_nodes([p for _, p in ranked], cost)]}
     fitted = []
     for draft in drafts:
         cut = 0
@@ -136,6 +130,18 @@ def fit_drafts(drafts: list[list[int]], lattice: Lattice, cost: CostCurve) -> li
         if cut and draft[:cut] not in fitted:
             fitted.append(draft[:cut])
     return fitted
+
+
+def profitable_nodes(probs: list[float], cost: CostCurve) -> int:
+    """How many of the tree nodes (most probable first, each with its chance of being accepted)
+    maximise expected tokens per forward second: (1 + sum of the first n chances) / cost(1 + n)."""
+    best_n, best_rate, gain = 0, 1.0 / cost(1), 0.0
+    for n, p in enumerate(probs, start=1):
+        gain += p
+        rate = (1.0 + gain) / cost(1 + n)
+        if rate > best_rate:
+            best_n, best_rate = n, rate
+    return best_n
 
 
 class FittedRefiner:

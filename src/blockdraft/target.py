@@ -46,15 +46,20 @@ class TransformersBody:
 
         self.cache = DynamicCache(config=self.model.config)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        """Final hidden states [N, H] of `tokens` [N] at `positions` [N], appended to the cache."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor | None,
+                 layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Final hidden states [N, H] of `tokens` [N] at `positions` [N], appended to the cache, and
+        the outputs of decoder `layers`, concatenated [N, len(layers) * H] (None without layers)."""
         kwargs = {self._cache_arg: self.cache}
         if allowed is not None:  # a float mask: transformers' 4D form, 0 = attend
             dtype = self.model.get_output_embeddings().weight.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
             kwargs["attention_mask"] = mask[None, None].to(tokens.device)
-        out = self.body(input_ids=tokens[None], position_ids=positions[None], use_cache=True, **kwargs)
-        return out.last_hidden_state[0]
+        out = self.body(input_ids=tokens[None], position_ids=positions[None], use_cache=True,
+                        output_hidden_states=bool(layers), **kwargs)
+        # hidden_states[0] is the embedding output, [i + 1] the output of layer i (the last one normed)
+        kept = torch.cat([out.hidden_states[i + 1][0] for i in layers], -1) if layers else None
+        return out.last_hidden_state[0], kept
 
     def crop(self, tokens: int) -> None:
         self.cache.crop(-tokens)
@@ -110,29 +115,35 @@ class TargetModel:
         self.calls = 0
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int], reserve: int = 0) -> float:
-        """Fill the cache with `ids` (the prompt without its last token); returns seconds. reserve:
-        the positions the whole request may take (prompt + budget), sized once so that memory does
-        not grow, nor the cache get copied, while the answer is written."""
+    def prefill(self, ids: list[int], reserve: int = 0, layers: tuple[int, ...] | None = None
+                ) -> tuple[float, torch.Tensor | None]:
+        """Fill the cache with `ids` (the prompt without its last token); returns seconds and, where
+        `layers` is given, the states a drafter reads of `ids` (see `forward`). reserve: the
+        positions the whole request may take (prompt + budget), sized once so that memory does not
+        grow, nor the cache get copied, while the answer is written."""
         self.runner.reserve(min(reserve, self.max_positions) + TREE_SLACK if reserve else 0)
         self.reset()
-        began = time.perf_counter()
+        began, states = time.perf_counter(), None
         if ids:
-            self.runner(torch.tensor(ids, device=self.device), torch.arange(len(ids), device=self.device), None)
+            hidden, kept = self.runner(torch.tensor(ids, device=self.device),
+                                       torch.arange(len(ids), device=self.device), None, layers or ())
+            states = None if layers is None else kept if layers else hidden
             self.calls += 1
-        return time.perf_counter() - began
+        return time.perf_counter() - began, states
 
     @torch.inference_mode()
-    def forward(self, tree: TokenTree) -> tuple[torch.Tensor, torch.Tensor]:
-        """ONE target call over the tree; returns logits [N, V] and final hidden states [N, H]."""
+    def forward(self, tree: TokenTree, layers: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ONE target call over the tree; returns logits [N, V] and the states a drafter reads [N, S]:
+        the final hidden states (layers None or empty), else the outputs of those decoder layers,
+        concatenated (S = len(layers) * H)."""
         past, dev = self.cache_length, self.device
         allowed = None  # a chain is plain causal attention
         if not tree.is_chain:  # causal within the tree = attend to ancestors only
             allowed = torch.cat([torch.ones(tree.size, past, dtype=torch.bool), tree.ancestor_mask()], dim=1).to(dev)
         positions = torch.tensor(tree.depths, device=dev) + past
-        hidden = self.runner(torch.tensor(tree.tokens, device=dev), positions, allowed)
+        hidden, kept = self.runner(torch.tensor(tree.tokens, device=dev), positions, allowed, layers or ())
         self.calls += 1
-        return self.lm_head(hidden), hidden
+        return self.lm_head(hidden), kept if layers else hidden
 
     def rollback(self, tokens: int) -> None:
         """Drop the last `tokens` cached positions (an answer cut short inside a block)."""

@@ -9,6 +9,7 @@ import math
 import torch
 
 from .heads import DraftHeads, HeadsConfig
+from .drafting import ReadsLastHidden
 from .types import Lattice
 
 
@@ -53,7 +54,7 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop_ids: tu
     return out
 
 
-class FixedDepthDrafter:
+class FixedDepthDrafter(ReadsLastHidden):
     """Returns an empty K-row lattice so that a scripted refiner is consulted every step."""
 
     def __init__(self, depth: int):

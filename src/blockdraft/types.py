@@ -67,3 +67,16 @@ class DecodeResult:
     @property
     def seconds(self) -> float:
         return self.prefill_s + self.decode_s
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """A drafter's own tree of candidates (the eagle drafter): root-to-leaf token paths, best first."""
+
+    paths: list[list[int]]  # each leaf's tokens after the pending one
+    scores: list[float]  # each path's cumulative draft log-probability
+    nodes: int  # distinct tree nodes, the pending token not counted
+
+    @property
+    def depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)

@@ -49,7 +49,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = load_questions(args.prompts, _names(args.categories), args.per_category, args.limit)
-    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device,
+    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device, eagle=args.eagle,
                           offline=args.offline)
     results = run_bench(dec, questions, names, args.max_new_tokens, args.out,
                         argv=_command(args), resume=args.resume, max_minutes=args.max_minutes, sampling=sampling)
@@ -76,6 +76,7 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
                    help=f"comma-separated: {', '.join(['ar', 'bpd', *RUNNERS])} or any refined method")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
+    p.add_argument("--eagle", default=None, help="eagle drafter folder for the eagle methods (default: the shipped one for the model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, recorded)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true",

@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.max_new_tokens <= 0:
         raise BlockdraftError(f"max_new_tokens must be positive, got {args.max_new_tokens}")
     sock = bind(args.host, args.port)
-    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device,
+    dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device, eagle=args.eagle,
                           offline=args.offline)
     service = Service(dec, args.model_id or args.model, args.method, args.max_new_tokens, sampling)
     service.check_ready()
@@ -115,6 +115,7 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--method", default="fast", help="decoding method of requests that name none (default: %(default)s)")
     p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
+    p.add_argument("--eagle", default=None, help="eagle drafter folder for the eagle methods (default: the shipped one for the model)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="answer length for requests without max_tokens (default: %(default)s, as generate)")
     p.add_argument("--model-id", default=None, help="the model name clients send and /v1/models lists (default: --model)")
