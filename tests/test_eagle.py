@@ -217,3 +217,17 @@ def test_medusa_export_refuses_chained_heads(tmp_path):
     tensors = load_file(str(tmp_path / "m2" / "model.safetensors"))
     assert set(tensors) == {f"{k}.{j}.{w}" for j in range(3) for k, w in
                             [("blocks", "layers.0.weight"), ("blocks", "layers.0.bias"), ("lm_heads", "weight")]}
+
+
+def test_export_cli_refuses_unknown_formats_and_occupied_folders(tmp_path, capsys):
+    from blockdraft.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--format", "gguf", "--out", str(tmp_path / "x")])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "model.safetensors").write_text("keep me")
+    assert main(["export", "--format", "eagle3", "--out", str(tmp_path / "busy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "busy" in err
+    assert (tmp_path / "busy" / "model.safetensors").read_text() == "keep me"  # nothing overwritten

@@ -28,7 +28,7 @@ def decoder():
 def test_bpd_and_refined_methods_match_plain_decoding(decoder, prompt):
     ref = decoder.generate(prompt, method="ar", max_new_tokens=40)
     assert ref.steps == ref.new_tokens  # one token per step
-    for method in ("bpd", "bpd-full", "fast", "lookup", "bpd-0gram-p4", "bpd-ngram", "bpd-neural"):
+    for method in ("bpd", "bpd-full", "fast", "lookup", "bpd-0gram-p4", "bpd-ngram", "bpd-neural", "eagle", "eagle-ctx"):
         got = decoder.generate(prompt, method=method, max_new_tokens=40)
         assert got.ids == ref.ids, method
         assert got.text == ref.text

@@ -18,11 +18,13 @@ from .model import EagleLayer
 
 
 class EagleDrafter:
-    """cost: the target's forward-cost curve; with it, the tree keeps only the nodes that pay for
+    """Defaults sized for a 2-core CPU, where drafting is a quarter of a step: 5 deep, 4 nodes
+    expanded per depth (13 ms per step for SmolLM2's layer in bfloat16, against 17 ms for EAGLE-2's
+    6 deep and 8 wide; a 1-token target forward takes 44 ms there). cost: the target's forward-cost curve; with it, the tree keeps only the nodes that pay for
     their verification (their draft probabilities taken as their chances), at most `max_nodes`."""
 
-    def __init__(self, layer: EagleLayer, embed: torch.Tensor, max_nodes: int = 32, depth: int = 6, branch: int = 8,
-                 beam: int = 8, cost: CostCurve | None = None):
+    def __init__(self, layer: EagleLayer, embed: torch.Tensor, max_nodes: int = 32, depth: int = 5, branch: int = 8,
+                 beam: int = 4, cost: CostCurve | None = None):
         self.layer, self.embed, self.cost = layer, embed, cost
         self.layers: tuple[int, ...] | None = tuple(layer.config.target_layers)
         self.max_nodes, self.depth, self.branch, self.beam = max_nodes, depth, branch, beam
