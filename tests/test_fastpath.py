@@ -87,3 +87,43 @@ def test_other_architectures_take_the_transformers_path():
     assert unsupported(model) == "projections with biases"
     assert TargetModel(model).path == "transformers"
     assert unsupported(tiny_llama(0)) is None and isinstance(TargetModel(tiny_llama(0)).runner, LlamaFastPath)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_tokens_logits_do_not_depend_on_the_tree_size(dtype):
+    """The property that keeps drafted decoding equal to plain decoding at every dtype: the
+    pending token's logits are the same whether it is fed alone or with 1-30 draft nodes
+    (bit for bit in bfloat16, whose attention is row-exact; float32's and float64's fused
+    attention differs in the last bits, far below a bfloat16 logit's resolution)."""
+    model = tiny_llama(5, dtype, hidden=64)
+    target = TargetModel(model)
+    prompt = [(7 * i + 3) % 64 for i in range(40)]
+    target.prefill(prompt[:-1])
+    alone = target.forward(build_tree(prompt[-1], []))[0][0]
+    target.rollback(1)
+    for n in (2, 3, 5, 9, 17, 31):
+        tree = build_tree(prompt[-1], [[(5 * j + 1) % 64 for j in range(n - 1)], [9, 9]])
+        got = target.forward(tree)[0][0]
+        target.rollback(tree.size)
+        if dtype == torch.bfloat16:
+            assert torch.equal(got, alone), n
+        else:
+            torch.testing.assert_close(got, alone, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bfloat16_drafted_decoding_equals_plain_decoding_through_the_engine(seed):
+    model = tiny_llama(seed, torch.bfloat16, hidden=64)
+    prompt = [(seed * 5 + 3 * i) % 64 for i in range(12)]
+    from blockdraft.drafting import NoDrafter
+
+    ref = generate(TargetModel(model), NoDrafter(), ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=40))
+    got = generate(TargetModel(model), HeadsDrafter(random_heads(model, 4, seed).bfloat16(), model.get_output_embeddings(),
+                   topk=1), ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=40))
+    assert got.ids == ref.ids
+    from blockdraft.lookup import ContextLookup
+    from blockdraft.refine.lattice import PBestRefiner
+
+    wide = generate(TargetModel(model), HeadsDrafter(random_heads(model, 4, seed).bfloat16(), model.get_output_embeddings(),
+                    topk=6), ContextLookup(PBestRefiner(None, 0.0, 12)), prompt, DecodeConfig(max_new_tokens=40))
+    assert wide.ids == ref.ids and max(s.tree_nodes for s in wide.stats) > 20  # trees, not chains

@@ -51,6 +51,45 @@ def _linear(module: nn.Module) -> _Linear:
     return _Linear(module.weight, module.packed if isinstance(module, OneDNNLinear) else None)
 
 
+def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
+                        scale: float) -> torch.Tensor:
+    """Grouped-query attention whose every query row is computed exactly as plain decoding
+    computes it (bfloat16): a token's logits must not depend on which other tree nodes share
+    its forward, or drafted steps could pick another token than plain decoding.
+
+    Why not SDPA: on this CPU, bfloat16 SDPA (a fused kernel chosen by query count and mask)
+    moved SmolLM2's logits by up to 0.75 between a 1-node and a 2+-node forward. Here each query
+    row reads its visible keys gathered in order (the cache, then its ancestors: the sequence
+    plain decoding reads), padded at the end (a causal call, the prefill, keeps the batched
+    product: its rows read key prefixes in order); bfloat16 products are row-exact on this CPU and
+    trailing padding changes neither the float32 softmax nor the products (checked). Scores are
+    rounded to bfloat16 by the product, then scaled, masked and normalised in float32.
+    q [1, H, N, D], keys/values [1, KV, L, D]; allowed [N, L] (None: causal, the last N keys new).
+    """
+    b, h, n, d = q.shape
+    kv, length = keys.shape[1], keys.shape[2]
+    g = h // kv  # query heads j*g .. j*g+g-1 read key/value head j
+    if allowed is None:  # causal (a prefill, or one token): rows read key prefixes in order already
+        grouped = q.reshape(b, kv, g * n, d)
+        scores = (grouped @ keys.transpose(-1, -2)).float().view(b, h, n, length) * scale
+        causal = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+        probs = scores.masked_fill_(~causal, float("-inf")).softmax(-1).to(values.dtype)
+        return (probs.view(b, kv, g * n, length) @ values).view(b, h, n, d)
+    visible = allowed.sum(-1)  # [N]
+    width = int(visible.max())
+    # each row's visible key positions in ascending order, padded with position 0 (masked below)
+    order = torch.sort(torch.where(allowed, torch.arange(length, device=q.device), length), -1).values[:, :width]
+    pad = order >= length
+    order = order.masked_fill(pad, 0)
+    k_rows = keys[0][:, order]  # [KV, N, W, D]
+    v_rows = values[0][:, order]
+    q_rows = q[0].view(kv, g, n, d).transpose(1, 2)  # [KV, N, g, D]
+    scores = (q_rows @ k_rows.transpose(-1, -2)).float() * scale  # [KV, N, g, W]
+    probs = scores.masked_fill_(pad[None, :, None, :], float("-inf")).softmax(-1).to(values.dtype)
+    out = probs @ v_rows  # [KV, N, g, D]
+    return out.transpose(1, 2).reshape(1, h, n, d)
+
+
 class LlamaFastPath(nn.Module):
     """The decoder body of a LlamaForCausalLM with its own growing static KV cache (batch 1).
 
@@ -143,9 +182,12 @@ class LlamaFastPath(nn.Module):
             q, k = apply_rotary_pos_emb(self._heads(q, n), self._heads(k, n), cos, sin)
             self.keys[i, :, past:end] = k[0]
             self.values[i, :, past:end] = self._heads(v, n)[0]
-            att = F.scaled_dot_product_attention(q, self.keys[i, None, :, :end], self.values[i, None, :, :end],
-                                                 attn_mask=allowed, is_causal=causal, scale=self.head_dim ** -0.5,
-                                                 enable_gqa=True)
+            keys, values = self.keys[i, None, :, :end], self.values[i, None, :, :end]
+            if x.dtype == torch.bfloat16:
+                att = row_exact_attention(q, keys, values, allowed, self.head_dim ** -0.5)
+            else:
+                att = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, is_causal=causal,
+                                                     scale=self.head_dim ** -0.5, enable_gqa=True)
             x = x + out(att.transpose(1, 2).reshape(1, n, -1))
             gate, up = gate_up(norm2(x)).chunk(2, -1)
             x = x + down(F.silu(gate) * up)

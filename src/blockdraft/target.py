@@ -74,6 +74,7 @@ class TransformersBody:
 
 
 TREE_SLACK = 256  # cache positions a step's draft tree may hold beyond the committed ones
+LOGIT_ROWS = 32  # rows per output-projection product (see TargetModel.forward)
 
 
 class TargetModel:
@@ -143,7 +144,11 @@ class TargetModel:
         positions = torch.tensor(tree.depths, device=dev) + past
         hidden, kept = self.runner(torch.tensor(tree.tokens, device=dev), positions, allowed, layers or ())
         self.calls += 1
-        return self.lm_head(hidden), kept if layers else hidden
+        # At most LOGIT_ROWS rows per product: bfloat16 products with SmolLM2's 49,152-row output
+        # projection change kernels past 32 rows here, and a node's logits must not depend on
+        # how many nodes share the call (tests/test_fastpath.py)
+        logits = torch.cat([self.lm_head(rows) for rows in hidden.split(LOGIT_ROWS)])
+        return logits, kept if layers else hidden
 
     def rollback(self, tokens: int) -> None:
         """Drop the last `tokens` cached positions (an answer cut short inside a block)."""
