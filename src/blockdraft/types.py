@@ -75,7 +75,6 @@ class DraftTree:
 
     paths: list[list[int]]  # each leaf's tokens after the pending one
     scores: list[float]  # each path's cumulative draft log-probability
-    nodes: int  # distinct tree nodes, the pending token not counted
 
     @property
     def depth(self) -> int:

@@ -20,8 +20,9 @@ from .model import EagleLayer
 class EagleDrafter:
     """Defaults sized for a 2-core CPU, where drafting is a quarter of a step: 5 deep, 4 nodes
     expanded per depth (13 ms per step for SmolLM2's layer in bfloat16, against 17 ms for EAGLE-2's
-    6 deep and 8 wide; a 1-token target forward takes 44 ms there). cost: the target's forward-cost curve; with it, the tree keeps only the nodes that pay for
-    their verification (their draft probabilities taken as their chances), at most `max_nodes`."""
+    6 deep and 8 wide; a 1-token target forward takes 44 ms there). cost: the target's forward-cost
+    curve; with it, the tree keeps only the nodes that pay for their verification (their draft
+    probabilities taken as their chances), at most `max_nodes`."""
 
     def __init__(self, layer: EagleLayer, embed: torch.Tensor, max_nodes: int = 32, depth: int = 5, branch: int = 8,
                  beam: int = 4, cost: CostCurve | None = None):
@@ -66,10 +67,9 @@ class EagleDrafter:
 
     def _tree(self, root_out: torch.Tensor) -> DraftTree | None:
         layer = self.layer
-        # nodes: token (target id), parent (-1: the root), depth, score; expanded nodes keep their keys
+        # nodes: token (target id), parent (-1: the root), score; expanded nodes keep their keys
         tokens: list[int] = []
         parents: list[int] = []
-        depths: list[int] = []
         scores = torch.empty(0)
         outs = root_out[None]  # the outputs of the nodes being expanded (first: the root)
         expanding = [-1]
@@ -84,7 +84,6 @@ class EagleDrafter:
             first = len(tokens)
             tokens += child_tokens
             parents += [p for p in expanding for _ in range(top.indices.shape[1])]
-            depths += [d] * len(child_tokens)
             scores = torch.cat([scores, child_scores])
             if d == self.depth:
                 break
@@ -139,4 +138,4 @@ class EagleDrafter:
                 a = parents[a]
             paths.append(path[::-1])
             path_scores.append(float(scores[leaf]))
-        return DraftTree(paths, path_scores, len(chosen))
+        return DraftTree(paths, path_scores)

@@ -25,7 +25,7 @@ from ..corpus import Corpus
 from ..eagle.model import EagleConfig, EagleLayer, default_layers, draft_vocabulary, load_eagle, save_eagle
 from ..errors import BlockdraftError
 from ..models import LoadedModel, cache_root, model_fingerprint
-from .eagle_features import FeatureSet, corpus_features, pick_records
+from .eagle_features import FeatureSet, corpus_features, length_batches, pick_records
 from .schedule import StepPlan
 
 IGNORE = -100
@@ -46,19 +46,6 @@ class EagleTrainConfig:
     heldout: float = 0.03
     max_seconds: float = 0.0  # time budget: the schedule shrinks to fit it (0: none)
     seed: int = 0
-
-
-def _batches(lengths: list[int], order: list[int], batch_tokens: int) -> list[list[int]]:
-    """Groups of sequences of similar length whose padded size stays within batch_tokens."""
-    order = sorted(order, key=lambda i: lengths[i])
-    out, i = [], 0
-    while i < len(order):
-        group = [order[i]]
-        while i + len(group) < len(order) and (len(group) + 1) * lengths[order[i + len(group)]] <= batch_tokens:
-            group.append(order[i + len(group)])
-        out.append(group)
-        i += len(group)
-    return out
 
 
 def _batch(data: FeatureSet, group: list[int], t2d: torch.Tensor):
@@ -166,9 +153,9 @@ def train_eagle(loaded: LoadedModel, corpus_dir: str | Path, out: str | Path, cf
     t2d[layer.target_ids(torch.arange(layer.config.draft_vocab_size))] = torch.arange(layer.config.draft_vocab_size)
     embed = loaded.model.get_input_embeddings().weight.detach().float()
     lengths = [len(x) for x in data.ids]
-    batches = _batches(lengths, train_idx, cfg.batch_tokens)
+    batches = length_batches(lengths, train_idx, cfg.batch_tokens)
     steps = max(1, int(len(batches) * cfg.epochs))
-    params = [p for name, p in layer.named_parameters()]
+    params = list(layer.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     began, done = time.perf_counter(), 0
     plan = StepPlan(steps, cfg.max_seconds, cfg.warmup)
@@ -212,7 +199,7 @@ def evaluate(layer: EagleLayer, embed: torch.Tensor, data: FeatureSet, held: lis
     """Held-out top-1 accuracy of each drafted token (step j = the (j+1)-th token after the next)."""
     layer.eval()
     right, total = [0] * cfg.unroll, [0] * cfg.unroll
-    for group in _batches([len(x) for x in data.ids], held, cfg.batch_tokens):
+    for group in length_batches([len(x) for x in data.ids], held, cfg.batch_tokens):
         feats, nxt, labels, valid = _batch(data, group, t2d)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, counts = ttt_losses(layer, embed, feats.float(), nxt, labels, valid, cfg.unroll)

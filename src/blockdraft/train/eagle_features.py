@@ -51,6 +51,20 @@ def pick_records(corpus: Corpus, max_records: int, max_tokens: int) -> list[Corp
     return [fitting[i] for i in keep]
 
 
+def length_batches(lengths: list[int], order: list[int], batch_tokens: int) -> list[list[int]]:
+    """Groups of sequences (indices in `order`) of similar length, shortest first, whose padded
+    size stays within batch_tokens (a longer sequence gets a group of its own)."""
+    order = sorted(order, key=lambda i: lengths[i])
+    out, i = [], 0
+    while i < len(order):
+        group = [order[i]]
+        while i + len(group) < len(order) and (len(group) + 1) * lengths[order[i + len(group)]] <= batch_tokens:
+            group.append(order[i + len(group)])
+        out.append(group)
+        i += len(group)
+    return out
+
+
 @torch.inference_mode()
 def corpus_features(loaded: LoadedModel, records: list[CorpusRecord], layers: tuple[int, ...], cache_dir: Path,
                     batch_tokens: int = 4096) -> FeatureSet:
@@ -69,13 +83,8 @@ def corpus_features(loaded: LoadedModel, records: list[CorpusRecord], layers: tu
     partial = path.with_suffix(".partial")
     feats = np.memmap(partial, dtype=np.float16, mode="w+", shape=(int(offsets[-1]), width))
     body, dev = loaded.model.get_decoder(), loaded.device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     with tqdm(total=int(offsets[-1]), desc="eagle features", unit="tok") as bar:
-        i = 0
-        while i < len(order):
-            group = [order[i]]
-            while i + len(group) < len(order) and (len(group) + 1) * len(ids[order[i + len(group)]]) <= batch_tokens:
-                group.append(order[i + len(group)])
+        for group in length_batches([len(x) for x in ids], list(range(len(ids))), batch_tokens):
             span = max(len(ids[g]) for g in group)
             batch = torch.zeros((len(group), span), dtype=torch.long)
             for r, g in enumerate(group):  # right padding: causal attention never sees it
@@ -86,7 +95,6 @@ def corpus_features(loaded: LoadedModel, records: list[CorpusRecord], layers: tu
             for r, g in enumerate(group):
                 feats[offsets[g]:offsets[g + 1]] = fused[r, : rows[g]].numpy()
             bar.update(int(sum(rows[g] for g in group)))
-            i += len(group)
     feats.flush()
     del feats
     partial.rename(path)
