@@ -301,3 +301,11 @@ def test_sampled_bench_repeats_by_seed_and_skips_the_greedy_peers(decoder, tmp_p
     greedy = run_bench(decoder, QUESTIONS[1:], ["ar"], 12, tmp_path / "g")
     assert greedy["config"]["sampling"] is None and greedy["methods"]["ar"]["overall"]["lossless_rate"] == 1.0
     assert [c["turns"] for a in _answers(tmp_path / "g", "ar") for c in a["choices"]] != texts[0][0]
+
+
+def test_each_methods_peak_memory_is_measured_in_a_process_of_its_own(model_dir):
+    from blockdraft.bench.memory import own_process_peaks
+
+    peaks = own_process_peaks({"model": str(model_dir), "heads": None, "threads": 1}, ["ar", "bpd"], [3, 5, 7], 4)
+    assert peaks["ar"]["peak_rss_mb"] > 50  # a real process's peak: python, torch and the model
+    assert "heads" in peaks["bpd"]["error"]  # the tiny folder has no heads: one line, not a crash

@@ -47,3 +47,65 @@ def test_packed_rows_do_not_depend_on_the_row_count():
         every = packed_linear(x, packed)
         for rows in range(1, PACK_ROWS + 1):
             assert torch.equal(packed_linear(x[:rows], packed), every[:rows])
+
+
+def test_shared_projections_keep_one_copy_and_the_same_logits():
+    """blockdraft.load packs a Llama model's projections once, fused as the fast path runs them:
+    the fast path, transformers' own forward and a restore all see exactly the same weights."""
+    from blockdraft.cpu import PackedRows
+    from blockdraft.fastpath import share_projections
+    from blockdraft.target import TargetModel
+    from blockdraft.tree import build_tree
+
+    model = tiny_llama(3, torch.float32)
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, 64, (1, 11))
+    want = model(input_ids=x).logits
+    plain = TargetModel(model)
+    plain.prefill(x[0].tolist())
+    tree = build_tree(5, [[7, 9], [8]])
+    want_tree = plain.forward(tree)[0]
+    assert share_projections(model) == 7 * len(model.model.layers)
+    assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
+    rows = [m for m in model.modules() if isinstance(m, PackedRows)]
+    assert rows and all(m.own is None for m in rows)  # no second copy until transformers' own forward runs
+    shared = TargetModel(model)
+    shared.prefill(x[0].tolist())
+    used = [layer[1].packed for layer in shared.runner.layers]  # the fast path's q|k|v products
+    assert all(packed is layer.self_attn.q_proj.fused for packed, layer in zip(used, model.model.layers))
+    got_tree = shared.forward(tree)[0]
+    torch.testing.assert_close(got_tree, want_tree, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(input_ids=x).logits, want, rtol=1e-4, atol=1e-4)
+    restore_linears(model)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, dense[name]), name
+
+
+def test_released_pages_of_a_mapped_file_read_back_its_bytes(tmp_path):
+    """release_pages drops resident pages only: a file-backed tensor still reads the file's values."""
+    import numpy as np
+
+    from blockdraft.cpu import release_pages
+
+    path = tmp_path / "weights.f32"
+    values = np.arange(300_000, dtype=np.float32)
+    values.tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+    assert float(mapped.sum()) == float(values.sum())  # every page read once: resident
+    release_pages(mapped)
+    assert torch.equal(mapped, torch.from_numpy(values))
+
+
+def test_a_packed_only_linear_unpacks_its_exact_weight():
+    from blockdraft.cpu import can_pack
+
+    linear = torch.nn.Linear(32, 48, bias=True)
+    if not can_pack(linear.weight):
+        import pytest
+        pytest.skip("no oneDNN here")
+    swapped = OneDNNLinear(linear, keep_dense=False)
+    assert swapped.dense is None
+    assert torch.equal(swapped.weight, linear.weight.detach())
+    back = swapped.to_linear()
+    x = torch.randn(3, 32)
+    assert torch.equal(back.weight, linear.weight) and torch.equal(back(x), linear(x))

@@ -373,18 +373,21 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     onednn=True runs a CPU float32 model's linear layers through oneDNN (blockdraft.cpu): the
     same math with kernels that are 1.4-2x faster here, for every method alike, HF generate
     included; masked attention runs on the grouped key/value heads (blockdraft.cpu.grouped_kv_sdpa).
-    Both changes are made in place on the model this call loads (`dec.loaded.model`);
-    `dec.release()` undoes them. Draft heads run in bfloat16 where the CPU has native bfloat16.
+    Both changes are made in place on the model this call loads (`dec.loaded.model`), whose
+    packed weights replace the dense ones (one copy of the weights; a Llama-family model's q|k|v
+    and gate|up packed fused, as the fast path runs them); `dec.release()` undoes them. Draft heads run in bfloat16 where the CPU has native bfloat16.
     eagle: an eagle drafter folder (default: the shipped one of a known alias), loaded and checked now.
     """
     from .cpu import attend_with_grouped_kv, use_onednn_linears
+    from .fastpath import share_projections
 
     loaded = load_model(model, dtype, device, offline)
     cpu_fast_path = onednn and loaded.device.type == "cpu"
     draft_heads, path = _draft_heads(loaded, heads, cpu_fast_path)
     swapped, replaced = 0, None
     if cpu_fast_path:  # before the Decoder is built: its target reads the swapped layers
-        swapped, replaced = use_onednn_linears(loaded.model), attend_with_grouped_kv(loaded.model)
+        swapped = share_projections(loaded.model) + use_onednn_linears(loaded.model)
+        replaced = attend_with_grouped_kv(loaded.model)
     dec = Decoder(loaded, draft_heads, path)
     dec.swapped_linears, dec.replaced_attention = swapped, replaced
     if eagle is not None:

@@ -4,7 +4,7 @@ Measured on this project's 2-core AVX-512 machines (fp32, SmolLM2's 49,152 x 576
 MKL's default GEMM takes 11.7 ms for 1 row and 25-31 ms for 2-8 rows, while oneDNN takes
 6.0 / 7.9 / 10.8 / 12.9 ms for 1 / 2 / 4 / 8 rows. Verifying a draft costs several rows per
 step, so this changes what drafting can win. The swap is in place and reversible
-(`restore_linears`); weights are shared, not copied, where oneDNN allows it.
+(`restore_linears`); the packed weight replaces the dense one, so the model holds one copy.
 
 Inputs and outputs stay dense: oneDNN's pointwise linear takes them as they are, where the
 older path converted every input to oneDNN's layout and every output back (~50 us per layer,
@@ -12,8 +12,11 @@ older path converted every input to oneDNN's layout and every output back (~50 u
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import mmap
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -21,21 +24,99 @@ from torch import nn
 
 
 class OneDNNLinear(nn.Module):
-    """y = x W^T + b with the weight pre-packed for oneDNN; a drop-in for nn.Linear at inference."""
+    """y = x W^T + b with the weight pre-packed for oneDNN; a drop-in for nn.Linear at inference.
 
-    def __init__(self, linear: nn.Linear):
+    keep_dense=False holds the packed weight only, one copy of the weights: `.weight` then
+    unpacks a dense copy on each read (oneDNN's reorder back is exact), for code that reads it.
+    """
+
+    def __init__(self, linear: nn.Linear, keep_dense: bool = True):
         super().__init__()
-        self.dense = linear  # kept for restore and for code that reads .weight as a dense tensor
+        self.dense = linear if keep_dense else None
         self.register_buffer("packed", pack_weight(linear.weight.detach()), persistent=False)
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.dense.weight
+        return self.dense.weight if self.dense is not None else self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        """The nn.Linear this module stands for (the one it replaced, when it kept it)."""
+        return self.dense if self.dense is not None else dense_linear(self.weight, self.bias)
+
+
+class PackedRows(nn.Module):
+    """Rows [start, stop) of a packed fused weight (q|k|v, gate|up) as a stand-in for the nn.Linear
+    they came from: the fused product's owner keeps the only copy of the weights.
+
+    The model's own forward (transformers' generate, feature passes) runs one projection at a
+    time, so this module packs its rows as a weight of their own on its first call: a second
+    copy only where that path is used, and products as fast as a plain OneDNNLinear's.
+    """
+
+    def __init__(self, fused: torch.Tensor, start: int, stop: int):
+        super().__init__()
+        self.register_buffer("fused", fused, persistent=False)  # shared by the rows of one fused product
+        self.register_buffer("own", None, persistent=False)  # this module's rows, packed on first use
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = fused.shape[1], stop - start
+        self.bias = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.fused.to_dense()[self.start: self.stop]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.own is None:
+            self.own = pack_weight(self.weight.contiguous())
+        return packed_linear(x, self.own)
+
+    def to_linear(self) -> nn.Linear:
+        return dense_linear(self.weight.contiguous(), None)
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Give the OS back, now, the memory pages that lie wholly inside `tensor`'s storage
+    (Linux madvise DONTNEED; elsewhere nothing). Only for a tensor about to be dropped that
+    nothing else reads.
+
+    Why: transformers maps a safetensors checkpoint into memory whole, and the mapping (its
+    pages resident once read) lives while any tensor loaded from it lives, so the dense weights
+    that packing replaces would stay resident beside their packed copies: SmolLM2-135M took
+    0.65 GB of mapped file pages on top of 0.65 GB packed. Pages shared with a neighbouring
+    tensor are left alone; a page dropped here reads back as the file's bytes (or zeros), never
+    another tensor's data.
+    """
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+        return
+    storage = tensor.untyped_storage()
+    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if stop > start:
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), MADV_DONTNEED)
+
+
+MADV_DONTNEED = 4  # Linux <sys/mman.h>
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding these (dense) weights, for giving a model its plain layers back."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,12 +189,17 @@ def can_pack_dtype(dtype: torch.dtype) -> bool:
 
 
 def use_onednn_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear of a CPU float32 model for OneDNNLinear; returns how many."""
+    """Swap every nn.Linear of a CPU float32 model for a OneDNNLinear; returns how many.
+
+    The packed weight replaces the dense one (one copy of the weights), except the output
+    projection's: the input embeddings share it where tied, and draft heads read its rows.
+    """
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and can_pack(child.weight):
-                setattr(module, name, OneDNNLinear(child))
+                setattr(module, name, OneDNNLinear(child, keep_dense=child is output))
                 count += 1
     return count
 
@@ -165,10 +251,11 @@ def restore_attention(model: nn.Module, previous: str | None) -> None:
 
 
 def restore_linears(model: nn.Module) -> None:
+    """Give the model plain nn.Linear layers back (undo use_onednn_linears and shared projections)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, OneDNNLinear):
-                setattr(module, name, child.dense)
+            if isinstance(child, (OneDNNLinear, PackedRows)):
+                setattr(module, name, child.to_linear())
 
 
 def cpu_model() -> str:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb
 
-from .cpu import OneDNNLinear, can_pack, pack_weight, packed_linear
+from .cpu import OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -37,7 +37,7 @@ def unsupported(model: nn.Module) -> str | None:
 class _Linear:
     """x @ W^T with W packed for oneDNN (CPU float32) or kept dense (other dtypes)."""
 
-    def __init__(self, weight: torch.Tensor, packed: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor | None, packed: torch.Tensor | None = None):
         self.packed = packed
         if packed is None and can_pack(weight):
             self.packed = pack_weight(weight)
@@ -48,7 +48,53 @@ class _Linear:
 
 
 def _linear(module: nn.Module) -> _Linear:
-    return _Linear(module.weight, module.packed if isinstance(module, OneDNNLinear) else None)
+    return _Linear(None, module.packed) if isinstance(module, OneDNNLinear) else _Linear(module.weight)
+
+
+def _fused(*modules: nn.Module) -> _Linear:
+    """One product for several projections of the same input (q|k|v, gate|up): the model's own
+    fused weight when these modules are its rows in order (share_projections), else a private
+    fused copy."""
+    first = modules[0]
+    if (all(isinstance(m, PackedRows) and m.fused is first.fused for m in modules) and first.start == 0
+            and all(a.stop == b.start for a, b in zip(modules, modules[1:])) and modules[-1].stop == first.fused.shape[0]):
+        return _Linear(None, first.fused)
+    return _Linear(torch.cat([m.weight for m in modules]))
+
+
+def share_projections(model: nn.Module) -> int:
+    """Pack a CPU float32 Llama model's decoder projections once, in place, as the fast path runs
+    them (q|k|v and gate|up fused; o and down alone), dropping the dense weights: the fast path
+    and the model's own forward then share one copy. Returns how many projections were replaced.
+
+    Why: dense, oneDNN-packed and fused copies side by side made SmolLM2-135M (0.54 GB) take
+    1.9 GB. The dense weights' pages are released at once (cpu.release_pages), so only for a
+    model nobody else holds (blockdraft.load's own); restore_linears undoes the swap.
+    """
+    if unsupported(model) is not None or not can_pack(model.get_decoder().layers[0].self_attn.q_proj.weight):
+        return 0
+    count = 0
+    for layer in model.get_decoder().layers:
+        att, mlp = layer.self_attn, layer.mlp
+        count += _share_rows(att, ("q_proj", "k_proj", "v_proj")) + _share_rows(mlp, ("gate_proj", "up_proj"))
+        dense = [att.o_proj.weight, mlp.down_proj.weight]
+        att.o_proj, mlp.down_proj = OneDNNLinear(att.o_proj, keep_dense=False), OneDNNLinear(mlp.down_proj, keep_dense=False)
+        for weight in dense:
+            release_pages(weight)
+        count += 2
+    return count
+
+
+def _share_rows(module: nn.Module, names: tuple[str, ...]) -> int:
+    """Replace module's projections `names` (same input) by rows of one packed fused weight."""
+    parts = [getattr(module, name) for name in names]
+    fused = pack_weight(torch.cat([part.weight.detach() for part in parts]))
+    start = 0
+    for name, part in zip(names, parts):
+        setattr(module, name, PackedRows(fused, start, start + part.out_features))
+        start += part.out_features
+        release_pages(part.weight)
+    return len(names)
 
 
 def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
@@ -130,9 +176,11 @@ class LlamaFastPath(nn.Module):
                                                             layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
 
     def _weights_key(self) -> tuple:
-        """Identity of every projection weight (storage, in-place version, dtype, module kind):
-        the fused copies are stale once any of these changes (a dtype cast, a weight update)."""
-        return tuple((type(m).__name__, m.weight.data_ptr(), m.weight._version, m.weight.dtype) for m in self._linears())
+        """What the fused weights were built from: every projection module (held, so compared by
+        identity: a swap replaces them) and a plain nn.Linear's weight storage, in-place version
+        and dtype (a dtype cast, a weight update). Packed modules never change their weights."""
+        return tuple((m, m.weight.data_ptr(), m.weight._version, m.weight.dtype) if type(m) is nn.Linear else (m,)
+                     for m in self._linears())
 
     def _build(self) -> None:
         self.layers = []
@@ -140,10 +188,10 @@ class LlamaFastPath(nn.Module):
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm,
-                _Linear(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+                _fused(att.q_proj, att.k_proj, att.v_proj),
                 _linear(att.o_proj),
                 layer.post_attention_layernorm,
-                _Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+                _fused(mlp.gate_proj, mlp.up_proj),
                 _linear(mlp.down_proj),
             ))
         self._built_for = self._weights_key()

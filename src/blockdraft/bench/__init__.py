@@ -27,7 +27,7 @@ def _names(text: str | None) -> list[str] | None:
 def _command(args: argparse.Namespace) -> list[str]:
     """The full command line, defaults spelled out, so results.md says how to reproduce it."""
     flags = {k: v for k, v in vars(args).items()
-             if k not in ("func", "command", "resume", "max_minutes", "offline") and v is not None}
+             if k not in ("func", "command", "resume", "max_minutes", "offline", "no_peak_memory") and v is not None}
     return ["bench"] + [s for k, v in flags.items() for s in (f"--{k.replace('_', '-')}", str(v))]
 
 
@@ -51,8 +51,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     questions = load_questions(args.prompts, _names(args.categories), args.per_category, args.limit)
     dec = blockdraft.load(args.model, heads=args.heads or "default", dtype=args.dtype, device=args.device, eagle=args.eagle,
                           offline=args.offline)
+    loaded_as = {"model": args.model, "heads": args.heads, "eagle": args.eagle, "dtype": args.dtype, "device": args.device}
     results = run_bench(dec, questions, names, args.max_new_tokens, args.out,
-                        argv=_command(args), resume=args.resume, max_minutes=args.max_minutes, sampling=sampling)
+                        argv=_command(args), resume=args.resume, max_minutes=args.max_minutes, sampling=sampling,
+                        own_process=None if args.no_peak_memory else loaded_as)
     for name, entry in results["methods"].items():
         o = entry["overall"]
         speedup = f"{o['speedup_vs_ar']:.2f}x" if o["speedup_vs_ar"] is not None else "-"
@@ -83,5 +85,7 @@ def add_parser(sub, model_args: Callable[[argparse.ArgumentParser], None]) -> No
                    help="continue the run in --out (same command): keep its finished questions, measure the rest")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop after the question that passes this budget and report what was measured")
+    p.add_argument("--no-peak-memory", action="store_true",
+                   help="skip measuring each method's peak memory in a process of its own after the run (~10 s a method)")
     add_sampling_arguments(p)  # under sampling every turn starts from --seed (default 0); peers are skipped
     p.set_defaults(func=cmd_bench)

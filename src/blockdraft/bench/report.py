@@ -113,6 +113,12 @@ def _measured(cfg: dict) -> str:
         f"{cfg['questions']} of {asked} (stopped by --max-minutes; --resume measures the rest)"
 
 
+def _peak(memory: dict) -> str:
+    """The method's peak resident memory in a process of its own (bench.memory), or why not."""
+    own = memory.get("own_process") or {}
+    return _fmt(own.get("peak_rss_mb"), ".0f") if "error" not in own else f"– ({own['error']})"
+
+
 def markdown(results: dict) -> str:
     """results.md: the command, the machine, and methods x categories tables."""
     env, cfg, methods, cols = results["environment"], results["config"], list(results["methods"]), columns(results)
@@ -130,11 +136,12 @@ def markdown(results: dict) -> str:
     lines += [f"- skipped {name}: {why}" for name, why in cfg["skipped"].items()]
     overall = [[m, _fmt(_cell(results, m, "overall", "block_efficiency")), _fmt(_cell(results, m, "overall", "tokens_per_s"), ".1f"),
                 _fmt(_cell(results, m, "overall", "speedup_vs_ar")), _fmt(_cell(results, m, "overall", "lossless_rate")),
-                _fmt(_cell(results, m, "overall", "mean_accepted")), _fmt(results["methods"][m]["added_memory_mb"], ".3f")]
+                _fmt(_cell(results, m, "overall", "mean_accepted")), _fmt(results["methods"][m]["added_memory_mb"], ".3f"),
+                _peak(results["methods"][m]["memory"])]
                for m in methods]
     lines += ["", "## Overall", ""]
     lines += _table(["method", "block efficiency", "tokens/s", "speed-up vs ar", "lossless vs ar", "mean accepted",
-                     "added MB"], overall)
+                     "added MB", "peak RSS MB (own process)"], overall)
     for title, key in (("Block efficiency (new tokens per base-model call)", "block_efficiency"),
                        ("Speed-up vs ar (wall clock)", "speedup_vs_ar"),
                        ("Time to first token, seconds (prefill + first step; our engine)", "ttft_s")):

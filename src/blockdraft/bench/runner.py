@@ -379,13 +379,16 @@ def environment(decoder: Decoder, threads: int) -> dict:
 
 def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str, max_new_tokens: int,
               out_dir: str | Path, argv: list[str] | None = None, resume: bool = False,
-              max_minutes: float | None = None, sampling: Sampling = Sampling()) -> dict:
+              max_minutes: float | None = None, sampling: Sampling = Sampling(), own_process: dict | None = None) -> dict:
     """Benchmark methods on questions; writes results.json, results.md, plots and answers to
     out_dir and returns the results dict. Measurements go to out_dir/records.jsonl question by
     question: resume=True continues a stopped run of the same command; max_minutes stops after
     the question that passes the budget, and the report covers the questions measured. Under
     sampling (temperature > 0) every turn samples from sampling.seed (0 when none is given), the
-    peers are skipped, and the lossless rate is not reported (outputs are random)."""
+    peers are skipped, and the lossless rate is not reported (outputs are random).
+    own_process: how `decoder` was loaded (blockdraft.load's model, heads, eagle, dtype, device,
+    and threads); each method's peak resident memory is then measured after the run, each in a
+    process of its own (bench.memory), on the first question's first turn."""
     names = list(dict.fromkeys(m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods)
                                if m.strip()))
     if not questions or not names:
@@ -411,14 +414,23 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
                 interleave(decoder, log, runners, questions, max_new_tokens, store, deadline)
         finally:
             log.close()
-        return _finish(decoder, store, questions, runners, skipped, max_new_tokens, sampling, threads, argv, out_dir)
+        return _finish(decoder, store, questions, runners, skipped, max_new_tokens, sampling, threads, argv, out_dir,
+                       own_process)
 
 
 def _finish(decoder: Decoder, store: RecordStore, questions: list[dict], runners: dict, skipped: dict,
-            max_new_tokens: int, sampling: Sampling, threads: int, argv: list[str] | None, out_dir) -> dict:
+            max_new_tokens: int, sampling: Sampling, threads: int, argv: list[str] | None, out_dir,
+            own_process: dict | None = None) -> dict:
     """Aggregate the measured records and write the report files."""
     records, measured = store.records, [q for q in questions if q["question_id"] in store.done]
     memory = {n: added_memory(decoder, n, _peak_tree_nodes(records, n)) for n in runners}
+    if own_process is not None:
+        from .memory import own_process_peaks
+
+        peaks = own_process_peaks(own_process | {"threads": threads}, list(runners),
+                                  decoder.encode(questions[0]["turns"][:1]), max_new_tokens)
+        for name, peak in peaks.items():
+            memory[name]["own_process"] = peak
     config = {"methods": list(runners), "skipped": skipped, "max_new_tokens": max_new_tokens,
               "sampling": None if sampling.greedy else asdict(sampling),
               "questions": len(measured), "questions_asked": len(questions),

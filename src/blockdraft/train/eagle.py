@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -142,10 +143,8 @@ def train_eagle(loaded: LoadedModel, corpus_dir: str | Path, out: str | Path, cf
     records = pick_records(corpus, cfg.max_records, cfg.max_tokens)
     data = corpus_features(loaded, records, tuple(layers), cache_root() / "eagle-features")
     rng = random.Random(cfg.seed)
-    idx = list(range(len(data)))
-    rng.shuffle(idx)
-    n_held = max(1, int(len(idx) * cfg.heldout))
-    held, train_idx = sorted(idx[:n_held]), idx[n_held:]
+    held = [i for i, r in enumerate(records) if is_heldout(r.id, cfg.heldout)] or [0]
+    train_idx = sorted(set(range(len(data))) - set(held))
     if layer is None:
         layer = new_layer(loaded, data, train_idx, layers, cfg)
     layer.train().requires_grad_(True)
@@ -191,6 +190,12 @@ def train_eagle(loaded: LoadedModel, corpus_dir: str | Path, out: str | Path, cf
         "config": asdict(cfg), "before": previous or None}
     save_eagle(layer.eval(), out)
     return layer.config.training
+
+
+def is_heldout(record_id: str, share: float) -> bool:
+    """Whether an answer is held out: decided by its prompt id alone, so the split stays the same
+    when the corpus grows or training resumes from a drafter trained on the same split."""
+    return zlib.crc32(record_id.encode()) % 10_000 < share * 10_000
 
 
 @torch.no_grad()
