@@ -309,3 +309,17 @@ def test_each_methods_peak_memory_is_measured_in_a_process_of_its_own(model_dir)
     peaks = own_process_peaks({"model": str(model_dir), "heads": None, "threads": 1}, ["ar", "bpd"], [3, 5, 7], 4)
     assert peaks["ar"]["peak_rss_mb"] > 50  # a real process's peak: python, torch and the model
     assert "heads" in peaks["bpd"]["error"]  # the tiny folder has no heads: one line, not a crash
+
+
+def test_the_openvino_ir_is_cached_and_a_folder_without_a_model_is_one_line(tmp_path):
+    from blockdraft.bench.openvino import WEIGHTS, ir_folder
+    from blockdraft.errors import BlockdraftError
+
+    cached = tmp_path / "openvino" / f"abc-{WEIGHTS}"
+    cached.mkdir(parents=True)
+    for name in ("openvino_model.xml", "openvino_tokenizer.xml"):
+        (cached / name).write_text("<net/>")
+    assert ir_folder(tmp_path / "nowhere", "abc", tmp_path) == cached  # exported once, never again
+    with pytest.raises(BlockdraftError, match="config.json"):
+        ir_folder(tmp_path / "nowhere", "other", tmp_path)
+    assert not (tmp_path / "openvino" / "export-tools").exists()  # nothing installed for a bad folder

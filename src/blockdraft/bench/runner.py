@@ -31,7 +31,7 @@ import torch
 from ..api import Decoder
 from ..cpu import cpu_model
 from ..errors import BlockdraftError
-from ..models import gguf_file
+from ..models import cache_root, gguf_file
 from ..outdir import FolderLock, check_free
 from ..sampling import Sampling
 from ..types import DecodeResult
@@ -40,7 +40,7 @@ from .records import TurnRecord
 from .store import OWN, RUN, RecordStore
 
 WARMUP_TOKENS = 8
-PLD_TOKENS = 10  # prompt_lookup_num_tokens of hf-pld and llamacpp-pld
+PLD_TOKENS = 10  # prompt_lookup_num_tokens of hf-pld and llamacpp-pld; num_assistant_tokens of openvino-pld
 MEMORY_DEPTH = 5  # attribute levels below a drafter / refiner searched for weights (wrapped refiners nest)
 
 
@@ -193,8 +193,31 @@ def _llamacpp_pld(decoder: Decoder, name: str) -> TurnFn:
     return _llamacpp(decoder, name, pld=True)
 
 
-RUNNERS: dict[str, Setup] = {"hf-greedy": _hf, "hf-pld": _hf_pld, "llamacpp": _llamacpp,
-                             "llamacpp-pld": _llamacpp_pld}  # any other name: our engine
+def _openvino(decoder: Decoder, name: str, pld: bool = False) -> TurnFn:
+    """OpenVINO GenAI on the model's int8 IR (optional extra; exported once, bench.openvino)."""
+    if importlib.util.find_spec("openvino_genai") is None:
+        raise Unavailable(f"{name} needs openvino-genai: pip install 'blockdraft[openvino]'")
+    from .openvino import OpenVinoPeer, ir_folder
+
+    try:
+        folder = ir_folder(decoder.loaded.model.name_or_path, decoder.loaded.fingerprint, cache_root())
+    except BlockdraftError as exc:
+        raise Unavailable(f"{name}: {exc}") from None
+    peer = OpenVinoPeer(folder, torch.get_num_threads(), decoder.stop_ids(), lookup_tokens=PLD_TOKENS if pld else 0)
+
+    def run(ids: list[int], max_new_tokens: int) -> Turn:
+        out, calls = peer.generate(ids, max_new_tokens)
+        return Turn(_cut(out, decoder.stop_ids()), calls=calls)
+
+    return run
+
+
+def _openvino_pld(decoder: Decoder, name: str) -> TurnFn:
+    return _openvino(decoder, name, pld=True)
+
+
+RUNNERS: dict[str, Setup] = {"hf-greedy": _hf, "hf-pld": _hf_pld, "llamacpp": _llamacpp, "llamacpp-pld": _llamacpp_pld,
+                             "openvino": _openvino, "openvino-pld": _openvino_pld}  # any other name: our engine
 
 
 def setup(decoder: Decoder, methods: list[str], sampling: Sampling = Sampling()) -> tuple[dict[str, TurnFn], dict[str, str]]:
@@ -368,7 +391,8 @@ def environment(decoder: Decoder, threads: int) -> dict:
         "model": decoder.loaded.name, "model_label": decoder.loaded.label, "heads": decoder.heads_path,
         "dtype": str(decoder.loaded.model.dtype),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "versions": {p: _version(p) for p in ("torch", "transformers", "numpy", "blockdraft", "llama_cpp_python")},
+        "versions": {p: _version(p) for p in ("torch", "transformers", "numpy", "blockdraft", "llama_cpp_python",
+                                               "openvino-genai")},
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "platform": platform.platform(),
