@@ -26,7 +26,8 @@ from ..corpus import Corpus
 from ..eagle.model import EagleConfig, EagleLayer, default_layers, draft_vocabulary, load_eagle, save_eagle
 from ..errors import BlockdraftError
 from ..models import LoadedModel, cache_root, model_fingerprint
-from .eagle_features import FeatureSet, corpus_features, length_batches, pick_records
+from .batching import length_batches
+from .eagle_features import FeatureSet, corpus_features, pick_records
 from .schedule import StepPlan
 
 IGNORE = -100

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from ..corpus import Corpus, CorpusRecord
 from ..errors import BlockdraftError
 from ..models import LoadedModel, model_fingerprint
+from .batching import length_batches
 
 
 @dataclass
@@ -49,20 +50,6 @@ def pick_records(corpus: Corpus, max_records: int, max_tokens: int) -> list[Corp
         return fitting
     keep = np.linspace(0, len(fitting) - 1, max_records).round().astype(int)
     return [fitting[i] for i in keep]
-
-
-def length_batches(lengths: list[int], order: list[int], batch_tokens: int) -> list[list[int]]:
-    """Groups of sequences (indices in `order`) of similar length, shortest first, whose padded
-    size stays within batch_tokens (a longer sequence gets a group of its own)."""
-    order = sorted(order, key=lambda i: lengths[i])
-    out, i = [], 0
-    while i < len(order):
-        group = [order[i]]
-        while i + len(group) < len(order) and (len(group) + 1) * lengths[order[i + len(group)]] <= batch_tokens:
-            group.append(order[i + len(group)])
-        out.append(group)
-        i += len(group)
-    return out
 
 
 @torch.inference_mode()

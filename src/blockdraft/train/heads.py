@@ -33,6 +33,7 @@ from ..errors import BlockdraftError
 from ..heads import DraftHeads, HeadsConfig, following_ids
 from ..jsonl import read_jsonl
 from ..models import LoadedModel, cache_root, model_fingerprint
+from .batching import length_batches
 from .distill import DATA_FILE, META_FILE, kept_hidden
 from .schedule import StepPlan
 
@@ -173,15 +174,10 @@ def hidden_states(loaded: LoadedModel, seqs: list[Sequence], data_dir: Path, bat
     out = torch.empty((total, size), dtype=torch.float16)
     for i in (i for i, ok in enumerate(have) if ok):
         out[offsets[i]:offsets[i + 1]] = torch.from_numpy(np.array(kept[rows[i]:rows[i] + spans[i]]))
-    order = sorted((i for i, ok in enumerate(have) if not ok), key=lambda i: len(seqs[i][0]))
+    missing = [i for i, ok in enumerate(have) if not ok]
     body, dev = loaded.model.get_decoder(), loaded.device
-    with tqdm(total=int(sum(spans[i] for i in order)), desc="hidden states", unit="tok") as bar:
-        i = 0
-        while i < len(order):
-            width = len(seqs[order[i]][0])
-            group = [order[i]]
-            while i + len(group) < len(order) and (len(group) + 1) * len(seqs[order[i + len(group)]][0]) <= batch_tokens:
-                group.append(order[i + len(group)])
+    with tqdm(total=int(sum(spans[i] for i in missing)), desc="hidden states", unit="tok") as bar:
+        for group in length_batches([len(s[0]) for s in seqs], missing, batch_tokens):
             width = max(len(seqs[g][0]) for g in group)
             ids = torch.zeros((len(group), width), dtype=torch.long)
             for r, g in enumerate(group):  # right padding: causal attention never sees it
@@ -192,7 +188,6 @@ def hidden_states(loaded: LoadedModel, seqs: list[Sequence], data_dir: Path, bat
                 ids_g, plen = seqs[g][:2]
                 out[offsets[g]:offsets[g + 1]] = h[r, plen - 1: len(ids_g) - 1]
             bar.update(int(sum(spans[g] for g in group)))
-            i += len(group)
     cache.parent.mkdir(parents=True, exist_ok=True)
     out.numpy().tofile(cache)
     return out
