@@ -254,12 +254,7 @@ def load_heads(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
-    if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
-        raise BlockdraftError(f"no draft heads at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-    raw = validate.json_object(folder / CONFIG_FILE)
-    kind = raw.pop("format", None)
-    if kind != FORMAT:
-        raise validate.fault(folder / CONFIG_FILE, f"format {kind!r}, expected {FORMAT!r}")
+    raw = validate.checkpoint_config(folder, CONFIG_FILE, WEIGHTS_FILE, FORMAT, "draft heads")
     config = validate.config_from(HeadsConfig, raw, folder / CONFIG_FILE, positive=("num_heads", "hidden_size", "vocab_size"),
                                   non_negative=("draft_vocab_size",))
     state = validate.safetensors(folder / WEIGHTS_FILE)

@@ -33,6 +33,18 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
 
 
+def checkpoint_config(folder: Path, config_file: str, weights_file: str, kind: str, what: str) -> dict:
+    """The config of a saved checkpoint folder (config JSON + safetensors weights) of format
+    `kind`, without its "format" key; a missing file or another format is one line."""
+    if not (folder / config_file).exists() or not (folder / weights_file).exists():
+        raise BlockdraftError(f"no {what} at {folder}: expected {config_file} and {weights_file}")
+    raw = json_object(folder / config_file)
+    found = raw.pop("format", None)
+    if found != kind:
+        raise fault(folder / config_file, f"format {found!r}, expected {kind!r}")
+    return raw
+
+
 def json_object(path: str | Path) -> dict:
     """The JSON object in `path`; a missing, binary or non-JSON file, or JSON that is not an object
     (null, a number, a string, a list), is a one-line error."""

@@ -177,12 +177,7 @@ def load_eagle(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     from .. import validate
 
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
-        raise BlockdraftError(f"no eagle drafter at {folder}: expected {CONFIG_FILE} and {WEIGHTS_FILE}")
-    raw = validate.json_object(folder / CONFIG_FILE)
-    kind = raw.pop("format", None)
-    if kind != FORMAT:
-        raise validate.fault(folder / CONFIG_FILE, f"format {kind!r}, expected {FORMAT!r}")
+    raw = validate.checkpoint_config(folder, CONFIG_FILE, WEIGHTS_FILE, FORMAT, "eagle drafter")
     config = validate.config_from(EagleConfig, raw, folder / CONFIG_FILE, positive=(
         "hidden_size", "vocab_size", "draft_vocab_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"))
     layers = config.target_layers
