@@ -41,9 +41,12 @@ def section(name: str, results: dict) -> list[str]:
              f"- model: {env.get('model_label', env['model'])} ({env['dtype']}), heads: {Path(env['heads']).name if env.get('heads') else None}",
              f"- machine: {env['cpu']} ({env['cpu_count']} CPUs), torch threads {env['torch_threads']}, "
              f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}", "",
-             "| method | " + " | ".join(c for c, _, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+             "| method | " + " | ".join(c for c, _, _ in COLUMNS) + " | peak RSS MB (own process) |",
+             "|---" * (len(COLUMNS) + 2) + "|"]
     for method, entry in results["methods"].items():
-        lines.append(f"| `{method}` | " + " | ".join(_fmt(entry["overall"].get(k), f) for _, k, f in COLUMNS) + " |")
+        peak = (entry.get("memory", {}).get("own_process") or {}).get("peak_rss_mb")
+        lines.append(f"| `{method}` | " + " | ".join(_fmt(entry["overall"].get(k), f) for _, k, f in COLUMNS)
+                     + f" | {_fmt(peak, '.0f')} |")
     return lines + [""]
 
 
