@@ -97,8 +97,16 @@ def _share_rows(module: nn.Module, names: tuple[str, ...]) -> int:
     return len(names)
 
 
+KEY_BLOCK = 64  # bfloat16 attention reduces over key counts rounded up to this (see row_exact_attention)
+
+
+def padded_keys(count: int) -> int:
+    """The key count a bfloat16 attention call reduces over: `count` rounded up to KEY_BLOCK."""
+    return -(-count // KEY_BLOCK) * KEY_BLOCK
+
+
 def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
-                        scale: float) -> torch.Tensor:
+                        scale: float, valid: int | None = None) -> torch.Tensor:
     """Grouped-query attention whose every query row is computed exactly as plain decoding
     computes it (bfloat16): a token's logits must not depend on which other tree nodes share
     its forward, or drafted steps could pick another token than plain decoding.
@@ -106,26 +114,32 @@ def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     Why not SDPA: on this CPU, bfloat16 SDPA (a fused kernel chosen by query count and mask)
     moved SmolLM2's logits by up to 0.75 between a 1-node and a 2+-node forward. Here each query
     row reads its visible keys gathered in order (the cache, then its ancestors: the sequence
-    plain decoding reads), padded at the end (a causal call, the prefill, keeps the batched
-    product: its rows read key prefixes in order); bfloat16 products are row-exact on this CPU and
-    trailing padding changes neither the float32 softmax nor the products (checked). Scores are
-    rounded to bfloat16 by the product, then scaled, masked and normalised in float32.
-    q [1, H, N, D], keys/values [1, KV, L, D]; allowed [N, L] (None: causal, the last N keys new).
+    plain decoding reads); a causal call (the prefill, one token) keeps the batched product, its
+    rows reading key prefixes in order. Every call reduces over a key count that is a multiple
+    of KEY_BLOCK, the rest padded with zero-probability keys at the end: the softmax's sum and
+    the probabilities' product then see the same vector layout for a row alone or in a tree
+    (with the exact count, the reductions' scalar tails moved real SmolLM2 logits by up to
+    0.6). Scores are rounded to bfloat16 by the product, then scaled, masked and normalised in
+    float32. q [1, H, N, D], keys/values [1, KV, L, D] of which the first `valid` (default: all)
+    are real; allowed [N, valid] (None: causal, the last N real keys new).
     """
     b, h, n, d = q.shape
-    kv, length = keys.shape[1], keys.shape[2]
+    kv, valid = keys.shape[1], keys.shape[2] if valid is None else valid
     g = h // kv  # query heads j*g .. j*g+g-1 read key/value head j
     if allowed is None:  # causal (a prefill, or one token): rows read key prefixes in order already
+        width = padded_keys(valid)
+        keys, values = _pad_keys(keys, width), _pad_keys(values, width)
         grouped = q.reshape(b, kv, g * n, d)
-        scores = (grouped @ keys.transpose(-1, -2)).float().view(b, h, n, length) * scale
-        causal = torch.ones(n, length, dtype=torch.bool, device=q.device).tril(length - n)
+        scores = (grouped @ keys.transpose(-1, -2)).float().view(b, h, n, width) * scale
+        causal = torch.ones(n, width, dtype=torch.bool, device=q.device).tril(valid - n)
         probs = scores.masked_fill_(~causal, float("-inf")).softmax(-1).to(values.dtype)
-        return (probs.view(b, kv, g * n, length) @ values).view(b, h, n, d)
-    visible = allowed.sum(-1)  # [N]
-    width = int(visible.max())
+        return (probs.view(b, kv, g * n, width) @ values).view(b, h, n, d)
+    width = padded_keys(int(allowed.sum(-1).max()))
     # each row's visible key positions in ascending order, padded with position 0 (masked below)
-    order = torch.sort(torch.where(allowed, torch.arange(length, device=q.device), length), -1).values[:, :width]
-    pad = order >= length
+    positions = torch.arange(valid, device=q.device)
+    order = torch.sort(torch.where(allowed[:, :valid], positions, valid), -1).values
+    order = torch.cat([order, order.new_full((n, max(0, width - order.shape[1])), valid)], -1)[:, :width]
+    pad = order >= valid
     order = order.masked_fill(pad, 0)
     k_rows = keys[0][:, order]  # [KV, N, W, D]
     v_rows = values[0][:, order]
@@ -134,6 +148,13 @@ def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     probs = scores.masked_fill_(pad[None, :, None, :], float("-inf")).softmax(-1).to(values.dtype)
     out = probs @ v_rows  # [KV, N, g, D]
     return out.transpose(1, 2).reshape(1, h, n, d)
+
+
+def _pad_keys(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [B, KV, L, D] cut or zero-padded to `width` keys (a view where it is long enough)."""
+    if x.shape[2] >= width:
+        return x[:, :, :width]
+    return torch.cat([x, x.new_zeros(*x.shape[:2], width - x.shape[2], x.shape[3])], 2)
 
 
 class LlamaFastPath(nn.Module):
@@ -230,10 +251,12 @@ class LlamaFastPath(nn.Module):
             q, k = apply_rotary_pos_emb(self._heads(q, n), self._heads(k, n), cos, sin)
             self.keys[i, :, past:end] = k[0]
             self.values[i, :, past:end] = self._heads(v, n)[0]
-            keys, values = self.keys[i, None, :, :end], self.values[i, None, :, :end]
-            if x.dtype == torch.bfloat16:
-                att = row_exact_attention(q, keys, values, allowed, self.head_dim ** -0.5)
+            if x.dtype == torch.bfloat16:  # the cache past `end` (finite, masked out) pads the reductions
+                span = min(padded_keys(end), self.keys.shape[2])
+                att = row_exact_attention(q, self.keys[i, None, :, :span], self.values[i, None, :, :span], allowed,
+                                          self.head_dim ** -0.5, valid=end)
             else:
+                keys, values = self.keys[i, None, :, :end], self.values[i, None, :, :end]
                 att = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, is_causal=causal,
                                                      scale=self.head_dim ** -0.5, enable_gqa=True)
             x = x + out(att.transpose(1, 2).reshape(1, n, -1))
