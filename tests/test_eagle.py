@@ -232,3 +232,18 @@ def test_export_cli_refuses_unknown_formats_and_occupied_folders(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "busy" in err
     assert (tmp_path / "busy" / "model.safetensors").read_text() == "keep me"  # nothing overwritten
+
+
+def test_the_decoders_eagle_layer_runs_packed_and_stays_lossless(tmp_path):
+    from blockdraft.cpu import OneDNNLinear, can_pack_dtype
+    from blockdraft.eagle.model import save_eagle
+    from blockdraft.testing import tiny_decoder
+
+    dec = tiny_decoder(3)
+    dec.loaded.model.float()
+    dec.use_eagle(save_eagle(random_eagle(dec.loaded.model, 3), tmp_path / "eagle"))
+    layer = dec.eagle()
+    packed = [m for m in layer.modules() if isinstance(m, OneDNNLinear)]
+    assert bool(packed) == (can_pack_dtype(layer.fc.weight.dtype) and torch.backends.mkldnn.is_available())
+    prompt = [4, 8, 15, 16, 23]
+    assert dec.generate(ids=prompt, method="eagle", max_new_tokens=20).ids == dec.generate(ids=prompt, method="ar", max_new_tokens=20).ids

@@ -204,6 +204,21 @@ def use_onednn_linears(model: nn.Module) -> int:
     return count
 
 
+def pack_drafter_linears(module: nn.Module) -> int:
+    """Swap a CPU drafter's nn.Linear layers for OneDNNLinear where oneDNN lays out their dtype
+    (float32; bfloat16 on CPUs with native bfloat16), dense weights kept (drafters are small and
+    read their weights' dtype); returns how many. Measured: the eagle layer's drafting took 10.7
+    instead of 12.8 ms a step (bfloat16, SmolLM2's layer, 2-core Xeon with AMX), same drafts."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.device.type == "cpu" and can_pack_dtype(child.weight.dtype) \
+                    and torch.backends.mkldnn.is_available():
+                setattr(parent, name, OneDNNLinear(child))
+                count += 1
+    return count
+
+
 GROUPED_KV_SDPA = "blockdraft_grouped_kv_sdpa"  # the attention implementation's name in transformers' registry
 
 
