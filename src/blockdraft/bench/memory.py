@@ -11,8 +11,10 @@ arguments, the method, the prompt ids and max_new_tokens).
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
+from pathlib import Path
 
 CHILD_TIMEOUT_S = 900
 
@@ -33,3 +35,16 @@ def own_process_peaks(spec: dict, methods: list[str], ids: list[int], max_new_to
         except subprocess.TimeoutExpired:
             out[method] = {"error": f"no answer within {CHILD_TIMEOUT_S} s"}
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (the bench's own, and each child's): Linux's VmHWM
+    (/proc/self/status), which starts afresh at exec. Not getrusage's ru_maxrss: Linux carries that over from the parent that
+    forked this process, so every child of a 2.9 GB bench reported 2.9 GB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)

@@ -8,22 +8,9 @@ size), or {"error": one line} when the method cannot run here.
 from __future__ import annotations
 
 import json
-import resource
 import sys
-from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set so far: Linux's VmHWM (/proc/self/status), which starts
-    afresh at exec. Not getrusage's ru_maxrss: Linux carries that over from the parent that
-    forked this process, so every child of a 2.9 GB bench reported 2.9 GB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+from .memory import peak_rss_mb
 
 
 def main(argv: list[str]) -> int:

@@ -15,7 +15,6 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
-import resource
 import shlex
 import sys
 import time
@@ -36,6 +35,7 @@ from ..outdir import FolderLock, check_free
 from ..sampling import Sampling
 from ..types import DecodeResult
 from . import report
+from .memory import own_process_peaks, peak_rss_mb
 from .records import TurnRecord
 from .store import OWN, RUN, RecordStore
 
@@ -396,7 +396,7 @@ def environment(decoder: Decoder, threads: int) -> dict:
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": threads,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "platform": platform.platform(),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "peak_rss_mb": peak_rss_mb(),
         "cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
 
@@ -449,8 +449,6 @@ def _finish(decoder: Decoder, store: RecordStore, questions: list[dict], runners
     records, measured = store.records, [q for q in questions if q["question_id"] in store.done]
     memory = {n: added_memory(decoder, n, _peak_tree_nodes(records, n)) for n in runners}
     if own_process is not None:
-        from .memory import own_process_peaks
-
         peaks = own_process_peaks(own_process | {"threads": threads}, list(runners),
                                   decoder.encode(questions[0]["turns"][:1]), max_new_tokens)
         for name, peak in peaks.items():
