@@ -1,6 +1,10 @@
 """Batches of similar-length sequences: the one padding rule every teacher-forced pass uses."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+
 
 def length_batches(lengths: list[int], order: list[int], batch_tokens: int) -> list[list[int]]:
     """Groups of sequences (indices in `order`) of similar length, shortest first, whose padded
@@ -14,3 +18,12 @@ def length_batches(lengths: list[int], order: list[int], batch_tokens: int) -> l
         out.append(group)
         i += len(group)
     return out
+
+
+def right_padded(sequences: list[Sequence[int]]) -> torch.Tensor:
+    """Token ids [B, longest], each sequence left-aligned and zero-padded on the right (causal
+    attention never reads the padding, so each row's states are its own)."""
+    batch = torch.zeros((len(sequences), max(len(x) for x in sequences)), dtype=torch.long)
+    for r, x in enumerate(sequences):
+        batch[r, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return batch

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..corpus import Corpus, CorpusRecord
 from ..errors import BlockdraftError
 from ..models import LoadedModel, model_fingerprint
-from .batching import length_batches
+from .batching import length_batches, right_padded
 
 
 @dataclass
@@ -72,10 +72,7 @@ def corpus_features(loaded: LoadedModel, records: list[CorpusRecord], layers: tu
     body, dev = loaded.model.get_decoder(), loaded.device
     with tqdm(total=int(offsets[-1]), desc="eagle features", unit="tok") as bar:
         for group in length_batches([len(x) for x in ids], list(range(len(ids))), batch_tokens):
-            span = max(len(ids[g]) for g in group)
-            batch = torch.zeros((len(group), span), dtype=torch.long)
-            for r, g in enumerate(group):  # right padding: causal attention never sees it
-                batch[r, : len(ids[g])] = torch.from_numpy(ids[g])
+            batch = right_padded([ids[g] for g in group])
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 states = body(input_ids=batch.to(dev), output_hidden_states=True).hidden_states
             fused = torch.cat([states[k + 1] for k in layers], -1).to("cpu", torch.float16)

@@ -33,7 +33,7 @@ from ..errors import BlockdraftError
 from ..heads import DraftHeads, HeadsConfig, following_ids
 from ..jsonl import read_jsonl
 from ..models import LoadedModel, cache_root, model_fingerprint
-from .batching import length_batches
+from .batching import length_batches, right_padded
 from .distill import DATA_FILE, META_FILE, kept_hidden
 from .schedule import StepPlan
 
@@ -178,10 +178,7 @@ def hidden_states(loaded: LoadedModel, seqs: list[Sequence], data_dir: Path, bat
     body, dev = loaded.model.get_decoder(), loaded.device
     with tqdm(total=int(sum(spans[i] for i in missing)), desc="hidden states", unit="tok") as bar:
         for group in length_batches([len(s[0]) for s in seqs], missing, batch_tokens):
-            width = max(len(seqs[g][0]) for g in group)
-            ids = torch.zeros((len(group), width), dtype=torch.long)
-            for r, g in enumerate(group):  # right padding: causal attention never sees it
-                ids[r, : len(seqs[g][0])] = torch.tensor(seqs[g][0])
+            ids = right_padded([seqs[g][0] for g in group])
             with torch.autocast(dev.type, dtype=torch.bfloat16):
                 h = body(input_ids=ids.to(dev)).last_hidden_state.to("cpu", torch.float16)
             for r, g in enumerate(group):
