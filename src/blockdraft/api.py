@@ -377,7 +377,8 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     included; masked attention runs on the grouped key/value heads (blockdraft.cpu.grouped_kv_sdpa).
     Both changes are made in place on the model this call loads (`dec.loaded.model`), whose
     packed weights replace the dense ones (one copy of the weights; a Llama-family model's q|k|v
-    and gate|up packed fused, as the fast path runs them); `dec.release()` undoes them. Draft heads run in bfloat16 where the CPU has native bfloat16.
+    and gate|up packed fused, as the fast path runs them); `dec.release()` undoes them. Draft
+    heads run in bfloat16 where the CPU has native bfloat16.
     eagle: an eagle drafter folder (default: the shipped one of a known alias), loaded and checked now.
     """
     from .cpu import attend_with_grouped_kv, use_onednn_linears

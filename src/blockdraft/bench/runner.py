@@ -203,11 +203,12 @@ def _openvino(decoder: Decoder, name: str, pld: bool = False) -> TurnFn:
         folder = ir_folder(decoder.loaded.model.name_or_path, decoder.loaded.fingerprint, cache_root())
     except BlockdraftError as exc:
         raise Unavailable(f"{name}: {exc}") from None
-    peer = OpenVinoPeer(folder, torch.get_num_threads(), decoder.stop_ids(), lookup_tokens=PLD_TOKENS if pld else 0)
+    stop = decoder.stop_ids()
+    peer = OpenVinoPeer(folder, torch.get_num_threads(), stop, lookup_tokens=PLD_TOKENS if pld else 0)
 
     def run(ids: list[int], max_new_tokens: int) -> Turn:
         out, calls = peer.generate(ids, max_new_tokens)
-        return Turn(_cut(out, decoder.stop_ids()), calls=calls)
+        return Turn(_cut(out, stop), calls=calls)
 
     return run
 
