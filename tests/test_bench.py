@@ -325,3 +325,26 @@ def test_the_openvino_ir_is_cached_and_a_folder_without_a_model_is_one_line(tmp_
     with pytest.raises(BlockdraftError, match="config.json"):
         ir_folder(tmp_path / "nowhere", "other", tmp_path)
     assert not (tmp_path / "openvino" / "export-tools").exists()  # nothing installed for a bad folder
+
+
+def test_a_peer_failing_on_one_prompt_is_reported_and_the_run_goes_on(decoder, tmp_path, monkeypatch, capsys):
+    from blockdraft.bench import runner
+
+    def flaky_peer(dec, name):
+        run = runner._hf(dec, name)
+
+        def maybe(ids, max_new_tokens):
+            if dec.tokenizer.decode(ids).count("rivers"):
+                raise RuntimeError("llama_decode returned -1\nsecond line")
+            return run(ids, max_new_tokens)
+        return maybe
+
+    monkeypatch.setitem(runner.RUNNERS, "hf-greedy", flaky_peer)
+    results = run_bench(decoder, QUESTIONS, ["ar", "hf-greedy"], 8, tmp_path / "out")
+    peer = results["methods"]["hf-greedy"]
+    assert peer["failed_turns"] == [{"question_id": 2, "turn": 0, "error": "RuntimeError: llama_decode returned -1"}]
+    assert peer["overall"]["turns"] == 3 and peer["overall"]["lossless_rate"] == 1.0
+    assert results["methods"]["ar"]["failed_turns"] == [] and results["methods"]["ar"]["overall"]["turns"] == 4
+    assert "hf-greedy failed on question 2 turn 1" in capsys.readouterr().err
+    assert "hf-greedy failed on 1 prompt-turn(s)" in (tmp_path / "out" / "results.md").read_text()
+    assert [a["question_id"] for a in _answers(tmp_path / "out", "hf-greedy")] == [1, 3]

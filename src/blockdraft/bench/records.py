@@ -22,3 +22,4 @@ class TurnRecord:
     draft_s: float | None  # sum of StepStats.draft_s: drafting + refinement (our engine only)
     peak_tree_nodes: int | None  # most tokens fed to one verification call
     ttft_s: float | None = None  # time to the first token: prefill + the first step (our engine only)
+    error: str | None = None  # why a peer failed on this turn (nothing else measured); None: it ran

@@ -74,6 +74,8 @@ def build(records: list["TurnRecord"], methods: list[str], memory: dict, environ
           count_tokens=None) -> dict:
     """The results dict written to results.json. count_tokens(text) -> len(tokenizer(text).input_ids)
     gives Spec-Bench's baseline token count (its speed-up is None without it)."""
+    failed = [r for r in records if r.error]
+    records = [r for r in records if not r.error]  # a peer's failed turns are listed, never averaged
     ar = {(r.question_id, r.turn): r for r in records if r.method == BASELINE} if BASELINE in methods else None
     spec_base = specbench.baseline(methods)
     base_rows = [r for r in records if r.method == spec_base] if spec_base else None
@@ -82,7 +84,9 @@ def build(records: list["TurnRecord"], methods: list[str], memory: dict, environ
         rows = [r for r in records if r.method == name]
         per_method[name] = {"overall": _summary(rows, ar, greedy), "by_category": _by_category(rows, ar, greedy),
                             "spec_bench": _spec_bench(rows, base_rows, count_tokens),
-                            "added_memory_mb": memory[name]["added_memory_mb"], "memory": memory[name]}
+                            "added_memory_mb": memory[name]["added_memory_mb"], "memory": memory[name],
+                            "failed_turns": [{"question_id": r.question_id, "turn": r.turn, "error": r.error}
+                                             for r in failed if r.method == name]}
     categories = {r.category: group_of(r.category) for r in records}
     return {"command": config.get("command"), "config": config, "environment": environment,
             "categories": categories, "spec_bench_baseline": spec_base, "methods": per_method}
@@ -134,6 +138,11 @@ def markdown(results: dict) -> str:
                      f"{sampling['top_p']}, seed {sampling['seed']} for every turn (outputs are random: no lossless column; "
                      "tests/test_sampling_engine.py checks the distribution)")
     lines += [f"- skipped {name}: {why}" for name, why in cfg["skipped"].items()]
+    for m in methods:
+        failed = results["methods"][m].get("failed_turns") or []
+        if failed:
+            lines.append(f"- {m} failed on {len(failed)} prompt-turn(s), left out of its figures "
+                         f"(first: question {failed[0]['question_id']}, {failed[0]['error']})")
     overall = [[m, _fmt(_cell(results, m, "overall", "block_efficiency")), _fmt(_cell(results, m, "overall", "tokens_per_s"), ".1f"),
                 _fmt(_cell(results, m, "overall", "speedup_vs_ar")), _fmt(_cell(results, m, "overall", "lossless_rate")),
                 _fmt(_cell(results, m, "overall", "mean_accepted")), _fmt(results["methods"][m]["added_memory_mb"], ".3f"),
@@ -229,11 +238,14 @@ def answers(results: dict, records: list["TurnRecord"], questions: list[dict], o
     folder = out_dir / "answers"
     folder.mkdir(parents=True, exist_ok=True)
     turns: dict[tuple, list] = {}
+    broken = {(r.method, r.question_id) for r in records if r.error}  # a peer failed on a turn: no answer
     for r in sorted(records, key=lambda r: r.turn):
         turns.setdefault((r.method, r.question_id), []).append(r)
     for method in results["methods"]:
         with (folder / f"{method}.jsonl").open("w", encoding="utf-8") as handle:
             for q in questions:
+                if (method, q["question_id"]) in broken:
+                    continue
                 rows = turns[(method, q["question_id"])]
                 choice = {"index": 0, "turns": [r.text for r in rows], "new_tokens": [len(r.ids) for r in rows],
                           "wall_time": [r.seconds for r in rows], "decoding_steps": [r.steps for r in rows],

@@ -252,7 +252,17 @@ def measure(decoder: Decoder, log: CallLog, name: str, run: TurnFn, ids: list[in
     log.reset()
     _sync(decoder)
     began = time.perf_counter()
-    turn = run(ids, max_new_tokens)
+    try:
+        turn = run(ids, max_new_tokens)
+    except Exception as exc:  # noqa: BLE001 - a peer's failure on one prompt is reported, and the run goes on
+        if name not in RUNNERS:
+            raise  # our own engine failing is a bug, never a row
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        print(f"\n[blockdraft] bench: {name} failed on question {question['question_id']} turn {turn_index + 1} "
+              f"({len(ids)} prompt tokens): {error}", file=sys.stderr)
+        return TurnRecord(method=name, question_id=question["question_id"], category=question["category"],
+                          turn=turn_index, ids=[], text="", seconds=0.0, steps=0, committed=None, accepted=None,
+                          forward_s=None, draft_s=None, peak_tree_nodes=None, error=error)
     _sync(decoder)
     seconds = time.perf_counter() - began
     steps = (turn.calls if turn.calls is not None else len(log.widths)) - turn.setup_calls
@@ -281,6 +291,8 @@ def ask(decoder: Decoder, log: CallLog, name: str, run: TurnFn, question: dict,
     for i in range(len(question["turns"])):
         ids = decoder.encode(question["turns"][: i + 1], answers=[r.text for r in records])
         records.append(measure(decoder, log, name, run, ids, max_new_tokens, question, i))
+        if records[-1].error:  # a later turn would build on an answer that does not exist
+            break
     return records
 
 
