@@ -19,7 +19,7 @@ SHAPES = [dict(max_nodes=24, depth=6, branch=8, beam=8), dict(max_nodes=1, depth
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_greedy_ids_equal_the_models_own(seed, shape, fast_path):
     model = tiny_llama(seed, torch.float64, layers=4)
-    layer = random_eagle(model, seed, draft_vocab=48)
+    layer = random_eagle(model, seed, draft_vocab=48, norm_before_fc=seed % 2 == 1)
     drafter = EagleDrafter(layer, model.get_input_embeddings().weight, **SHAPES[shape])
     prompt = [(seed * 7 + 3 * i) % 64 for i in range(9)]
     got = generate(TargetModel(model, fast_path=fast_path), drafter, TreeRefiner(), prompt,
@@ -118,6 +118,7 @@ def test_training_learns_saves_loads_and_resumes(tmp_path, monkeypatch):
     assert list((tmp_path / "cache" / "eagle-features").glob("*.f16"))  # features cached, not in the corpus
     layer = load_eagle(tmp_path / "e1")
     assert layer.config.target_layers == [2, 3, 4] and layer.config.training["corpus_answers"] == 24
+    assert len(layer.config.feature_rms) == 3 and min(layer.config.feature_rms) > 0  # for one_feature_norm
     # held-out answers recur in training (a tiny model's text does not generalise): learnt, not guessed (2%)
     assert first["heldout_top1_by_step"][0] > 0.3
     more = train_eagle(loaded, corpus, tmp_path / "e2", EagleTrainConfig(**{**cfg.__dict__, "epochs": 2}), init=tmp_path / "e1")
@@ -147,7 +148,7 @@ def test_bad_drafter_folders_are_one_line(tmp_path):
     import json
     cfg = json.loads((good / "config.json").read_text())
     for name, change in [("bad layers", {"target_layers": ["x"]}), ("bad heads", {"num_attention_heads": 5}),
-                         ("wrong format", {"format": "blockdraft-heads/1"})]:
+                         ("two norms", {"norm_before_fc": True}), ("wrong format", {"format": "blockdraft-heads/1"})]:
         folder = tmp_path / name.replace(" ", "_")
         save_eagle(random_eagle(model, 0), folder)
         (folder / "config.json").write_text(json.dumps({**cfg, **change}))
@@ -175,17 +176,24 @@ def test_a_drafter_for_other_weights_is_refused(tmp_path):
     layer.check_compatible(model, "0123456789abcdef")
 
 
-def test_eagle3_export_round_trips(tmp_path):
+@pytest.mark.parametrize("norm_before_fc", [False, True])
+def test_eagle3_export_round_trips(tmp_path, norm_before_fc):
     """The speculators layout read back drafts exactly what the layer drafts (float32 weights,
-    rounded through float16 on export: the same rounding on both sides)."""
+    rounded through float16 on export: the same rounding on both sides), with either feature norm."""
     import json
 
     from blockdraft.export import export_eagle3, read_eagle3
 
     model = tiny_llama(2, torch.float32, layers=6)
-    layer = random_eagle(model, 2, draft_vocab=40).half().float()
+    layer = random_eagle(model, 2, draft_vocab=40, norm_before_fc=norm_before_fc)
+    with torch.no_grad():  # a norm weight of ones would hide a norm that is read back wrong or not at all
+        for p in layer.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    layer = layer.half().float()
     export_eagle3(layer, model, tmp_path / "e3", "tiny/verifier")
     cfg = json.loads((tmp_path / "e3" / "config.json").read_text())
+    assert cfg["norm_before_fc"] is norm_before_fc and cfg["fc_norm"] is not norm_before_fc
     assert cfg["speculators_model_type"] == "eagle3" and cfg["draft_vocab_size"] == 40
     assert cfg["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in layer.config.target_layers]
     from safetensors.torch import load_file
@@ -193,6 +201,7 @@ def test_eagle3_export_round_trips(tmp_path):
     assert tensors["t2d"].sum() == 40 and tensors["d2t"].dtype == torch.int64
     assert {"fc.weight", "layers.0.hidden_norm.weight", "layers.0.self_attn.q_proj.weight", "embed_tokens.weight",
             "layers.0.mlp.down_proj.weight", "norm.weight", "lm_head.weight"} <= set(tensors)
+    assert ("input_norm.weight" in tensors) is norm_before_fc and ("fc_norm.0.weight" in tensors) is not norm_before_fc
     back = read_eagle3(tmp_path / "e3")
     embed = model.get_input_embeddings().weight
     feats, ids = torch.randn(12, 3 * 32), list(range(5, 18))
@@ -232,6 +241,9 @@ def test_export_cli_refuses_unknown_formats_and_occupied_folders(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "busy" in err
     assert (tmp_path / "busy" / "model.safetensors").read_text() == "keep me"  # nothing overwritten
+    assert main(["export", "--format", "medusa", "--feature-norm", "one", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--feature-norm" in err and not (tmp_path / "m").exists()
 
 
 def test_the_decoders_eagle_layer_runs_packed_and_stays_lossless(tmp_path):
@@ -247,3 +259,30 @@ def test_the_decoders_eagle_layer_runs_packed_and_stays_lossless(tmp_path):
     assert bool(packed) == (can_pack_dtype(layer.fc.weight.dtype) and torch.backends.mkldnn.is_available())
     prompt = [4, 8, 15, 16, 23]
     assert dec.generate(ids=prompt, method="eagle", max_new_tokens=20).ids == dec.generate(ids=prompt, method="ar", max_new_tokens=20).ids
+
+
+def test_merging_the_feature_norms_keeps_fuse_where_the_recorded_rms_hold():
+    """one_feature_norm (llama.cpp's one norm over all features) computes what the per-layer norms
+    do wherever each layer's RMS is the one recorded at training; a drafter without it is one line."""
+    from blockdraft.eagle.model import median_feature_rms, one_feature_norm
+    from blockdraft.errors import BlockdraftError
+
+    model = tiny_llama(3, torch.float64, layers=6)
+    layer = random_eagle(model, 3).float()
+    with torch.no_grad():
+        for norm in layer.fc_norm:
+            norm.weight.uniform_(0.5, 1.5)
+    with pytest.raises(BlockdraftError, match="feature_rms"):
+        one_feature_norm(layer)
+    h = model.config.hidden_size
+    raw = torch.randn(20, 3 * h)
+    layer.config.feature_rms = [1.5, 6.0, 40.0]
+    feats = torch.cat([c / c.pow(2).mean(-1, keepdim=True).sqrt() * r
+                       for c, r in zip(raw.chunk(3, -1), layer.config.feature_rms)], -1)
+    assert median_feature_rms(feats, 3) == pytest.approx(layer.config.feature_rms, rel=1e-4)
+    merged = one_feature_norm(layer)
+    assert merged.config.norm_before_fc and not merged.config.fc_norm and merged.fc_norm is None
+    torch.testing.assert_close(merged.fuse(feats), layer.fuse(feats), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(merged.fuse(raw), layer.fuse(raw), rtol=1e-2)  # elsewhere: an approximation
+    with pytest.raises(BlockdraftError, match="already has one norm"):
+        one_feature_norm(merged)

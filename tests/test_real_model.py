@@ -65,3 +65,31 @@ def test_sampled_fast_is_reproducible_by_seed(tmp_path):
     assert a["block_efficiency"] > 1
     other = json.loads(run(*args[:-1], "2").stdout)
     assert other["text"] != a["text"]
+
+
+def test_the_shipped_eagle_exports_with_one_feature_norm_for_llama_cpp(decoder, tmp_path):
+    """`export --feature-norm one` writes llama.cpp's layout (norm_before_fc, input_norm); read back,
+    that drafter stays lossless and takes about as many steps as the drafter it was merged from."""
+    from blockdraft.cli import main
+    from blockdraft.export import read_eagle3
+    from safetensors import safe_open
+
+    out = tmp_path / "e3"
+    assert main(["export", "--format", "eagle3", "--feature-norm", "one", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["norm_before_fc"] is True and cfg["fc_norm"] is False
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "input_norm.weight" in f.keys() and not any(k.startswith("fc_norm.") for k in f.keys())
+    back = read_eagle3(out)
+    assert back.config.norm_before_fc and back.input_norm.weight.shape[0] == 3 * decoder.loaded.model.config.hidden_size
+    from blockdraft.eagle.model import save_eagle
+
+    ref = decoder.generate(PROMPTS[2], method="ar", max_new_tokens=40)
+    before = decoder.generate(PROMPTS[2], method="eagle", max_new_tokens=40)
+    shipped = decoder.eagle_path
+    decoder.use_eagle(save_eagle(back, tmp_path / "merged"))
+    try:
+        got = decoder.generate(PROMPTS[2], method="eagle", max_new_tokens=40)
+    finally:
+        decoder.use_eagle(shipped)
+    assert got.ids == ref.ids and got.steps < ref.steps and got.steps <= before.steps + 3

@@ -150,16 +150,22 @@ def cmd_train_eagle(args) -> None:
 def cmd_export(args) -> None:
     from pathlib import Path
 
+    from .eagle.model import load_eagle, one_feature_norm
     from .export import export_eagle3, export_medusa
     from .models import ALIASES
 
+    if args.format != "eagle3" and args.feature_norm != "as-trained":
+        raise BlockdraftError(f"--feature-norm applies to the eagle3 format, not {args.format}")
     check_free(args.out)  # nothing is overwritten: a folder holding anything is refused before the model loads
     dec = _decoder(args)
     model = dec.loaded.model
     with FolderLock(args.out):
         if args.format == "eagle3":
             verifier = ALIASES[dec.loaded.alias].upstream if dec.loaded.alias in ALIASES else dec.loaded.name
-            export_eagle3(dec.eagle(), model, Path(args.out), verifier)
+            layer = dec.eagle()  # checked against the model
+            if args.feature_norm == "one":
+                layer = one_feature_norm(load_eagle(dec.eagle_path))
+            export_eagle3(layer, model, Path(args.out), verifier)
         else:
             export_medusa(dec.require_heads(), model, Path(args.out))
     print(f"{args.format} checkpoint written to {args.out}")
@@ -333,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for the checkpoint (config.json + model.safetensors)")
     p.add_argument("--eagle", default=None, help="eagle drafter folder (default: the shipped one for the model)")
     p.add_argument("--heads", default=None, help="draft heads folder for medusa (default: the shipped heads)")
+    p.add_argument("--feature-norm", choices=["as-trained", "one"], default="as-trained",
+                   help="eagle3: 'one' merges the per-layer feature norms into one RMSNorm over all features "
+                        "(norm_before_fc), the layout llama.cpp's converter reads (default: as trained)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("train-rescorer", help="train the small causal LM used for local neural rescoring")

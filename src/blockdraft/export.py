@@ -45,6 +45,8 @@ def export_eagle3(layer: EagleLayer, model: torch.nn.Module, out: Path, verifier
     if layer.fc_norm is not None:
         for i, norm in enumerate(layer.fc_norm):
             state[f"fc_norm.{i}.weight"] = norm.weight.detach().to("cpu", torch.float16).contiguous()
+    if layer.input_norm is not None:
+        state["input_norm.weight"] = layer.input_norm.weight.detach().to("cpu", torch.float16).contiguous()
     state["embed_tokens.weight"] = model.get_input_embeddings().weight.detach().to("cpu", torch.float16).contiguous()
     state["d2t"], state["t2d"] = d2t, t2d
     layer_config = {
@@ -58,6 +60,7 @@ def export_eagle3(layer: EagleLayer, model: torch.nn.Module, out: Path, verifier
         "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
         "transformer_layer_config": layer_config, "draft_vocab_size": c.draft_vocab_size,
         "norm_before_residual": False, "target_hidden_size": c.hidden_size, "fc_norm": c.fc_norm,
+        "norm_before_fc": c.norm_before_fc,
         "eagle_aux_hidden_state_layer_ids": [i + 1 for i in c.target_layers],
         "speculators_config": {
             "algorithm": "eagle3", "default_proposal_method": "greedy",
@@ -121,6 +124,7 @@ def read_eagle3(folder: str | Path) -> EagleLayer:
                              num_key_value_heads=int(lc["num_key_value_heads"]),
                              intermediate_size=int(lc["intermediate_size"]), rope_theta=float(lc["rope_theta"]),
                              rms_norm_eps=float(lc["rms_norm_eps"]), fc_norm=bool(raw.get("fc_norm", False)),
+                             norm_before_fc=bool(raw.get("norm_before_fc", False)),
                              base_fingerprint=ours.get("base_fingerprint", ""),
                              training=ours.get("training") or {})
     except (KeyError, TypeError, ValueError) as exc:
@@ -129,7 +133,7 @@ def read_eagle3(folder: str | Path) -> EagleLayer:
     layer = EagleLayer(config)
     renamed = {}
     for name in [n for n, _ in layer.named_parameters()]:
-        if name.startswith("fc_norm."):
+        if name.startswith(("fc_norm.", "input_norm.")):
             renamed[name] = state[name].float()
             continue
         key = {"fc": "fc", "norm": "norm", "lm_head": "lm_head"}.get(name.split(".")[0])

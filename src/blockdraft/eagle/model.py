@@ -13,7 +13,7 @@ layout vLLM and SGLang read). The embedding is the target's own (not stored here
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,12 @@ class EagleConfig:
     # RMSNorm each target layer's output before fc: SmolLM2's middle and high layers carry
     # activations up to ~25,000 at a few positions and RMS 3-23 elsewhere; raw, fc trains poorly
     fc_norm: bool = False
+    # instead, one RMSNorm over all fused features together (EAGLE-3.1's `norm_before_fc`): the
+    # only feature norm llama.cpp's EAGLE-3 graph has
+    norm_before_fc: bool = False
+    # median RMS of each fused layer's features over the training data: what turns the per-layer
+    # norms into one (one_feature_norm) for llama.cpp
+    feature_rms: list[float] = field(default_factory=list)
     base_model: str = ""
     base_fingerprint: str = ""
     training: dict = field(default_factory=dict)
@@ -68,6 +74,8 @@ class EagleLayer(nn.Module):
         self.fc = nn.Linear(len(config.target_layers) * h, h, bias=False)
         self.fc_norm = nn.ModuleList(nn.RMSNorm(h, eps=config.rms_norm_eps) for _ in config.target_layers) \
             if config.fc_norm else None
+        self.input_norm = nn.RMSNorm(len(config.target_layers) * h, eps=config.rms_norm_eps) \
+            if config.norm_before_fc else None
         self.input_layernorm = nn.RMSNorm(h, eps=config.rms_norm_eps)
         self.hidden_norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
         self.q_proj = nn.Linear(2 * h, nh * d, bias=False)
@@ -89,6 +97,9 @@ class EagleLayer(nn.Module):
         if self.fc_norm is not None:  # in float32: the outliers' squares overflow nothing there
             chunks = features.float().chunk(len(self.fc_norm), -1)
             features = torch.cat([F.rms_norm(c, (c.shape[-1],), n.weight.float(), n.eps) for n, c in zip(self.fc_norm, chunks)], -1)
+        elif self.input_norm is not None:
+            n = self.input_norm
+            features = F.rms_norm(features.float(), (features.shape[-1],), n.weight.float(), n.eps)
         return self.fc(features.to(self.fc.weight.dtype))
 
     def forward(self, g: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
@@ -143,19 +154,53 @@ class EagleLayer(nn.Module):
                                   f"(fingerprint {c.base_fingerprint}), not these weights ({fingerprint})")
 
 
+def median_feature_rms(features: torch.Tensor, parts: int) -> list[float]:
+    """Median over positions of each part's RMS, for features [N, parts * H]."""
+    chunks = features.float().chunk(parts, -1)
+    return [round(float(c.pow(2).mean(-1).sqrt().median()), 4) for c in chunks]
+
+
+def one_feature_norm(layer: EagleLayer) -> EagleLayer:
+    """A copy of a per-layer-norm layer (fc_norm) with one RMSNorm over all fused features
+    (norm_before_fc): the only feature norm llama.cpp's EAGLE-3 graph has.
+
+    norm(x)_i = x_i / rms(x) * u_i equals the per-layer x_i / rms(x_i) * w_i where each layer's
+    RMS stands to the whole's as the medians recorded at training do: u_i = w_i * rms / rms_i.
+    Elsewhere it is an approximation; measured, it costs little block efficiency (docs/research.md).
+    """
+    c = layer.config
+    if not c.fc_norm:
+        raise BlockdraftError("this eagle drafter has no per-layer feature norms to merge"
+                              + (" (it already has one norm over all features)" if c.norm_before_fc else ""))
+    if len(c.feature_rms) != len(c.target_layers):
+        raise BlockdraftError("this eagle drafter does not record its features' RMS (feature_rms), which merging "
+                              "its norms needs: train it again (train-eagle --init) with this version")
+    rms = torch.tensor(c.feature_rms, dtype=torch.float32)
+    whole = rms.pow(2).mean().sqrt()
+    merged = EagleLayer(replace(c, fc_norm=False, norm_before_fc=True))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in layer.state_dict().items()
+             if not k.startswith("fc_norm.")}
+    state["input_norm.weight"] = torch.cat([n.weight.detach().float() * (whole / r) for n, r in zip(layer.fc_norm, rms)])
+    merged.load_state_dict(state)
+    return merged.to(layer.fc.weight.dtype).eval()
+
+
 def draft_vocabulary(counts: torch.Tensor, size: int) -> torch.Tensor:
     """The `size` most frequent target ids (ascending) -> d2t offsets: target id = draft id + d2t."""
     ids = torch.sort(torch.topk(counts.float(), min(size, len(counts))).indices).values
     return ids - torch.arange(len(ids))
 
 
-def random_eagle(model: nn.Module, seed: int = 0, draft_vocab: int | None = None, fc_norm: bool = True) -> EagleLayer:
-    """An eagle layer with random weights for `model`'s sizes (tests): drafts vary with the context."""
+def random_eagle(model: nn.Module, seed: int = 0, draft_vocab: int | None = None, fc_norm: bool = True,
+                 norm_before_fc: bool = False) -> EagleLayer:
+    """An eagle layer with random weights for `model`'s sizes (tests): drafts vary with the context
+    (norm_before_fc: llama.cpp's one norm over all features, in place of fc_norm's one per layer)."""
     torch.manual_seed(seed)
     cfg = model.config
     v = cfg.vocab_size
     config = EagleConfig(hidden_size=cfg.hidden_size, vocab_size=v, target_layers=default_layers(cfg.num_hidden_layers),
-                         draft_vocab_size=draft_vocab or v, fc_norm=fc_norm, num_attention_heads=cfg.num_attention_heads,
+                         draft_vocab_size=draft_vocab or v, fc_norm=fc_norm and not norm_before_fc,
+                         norm_before_fc=norm_before_fc, num_attention_heads=cfg.num_attention_heads,
                          num_key_value_heads=cfg.num_key_value_heads, intermediate_size=2 * cfg.hidden_size)
     layer = EagleLayer(config).to(next(model.parameters()).dtype)
     with torch.no_grad():
@@ -187,6 +232,11 @@ def load_eagle(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     if c.hidden_size % c.num_attention_heads or c.head_dim % 2 or c.num_attention_heads % c.num_key_value_heads:
         raise validate.fault(folder / CONFIG_FILE, f"hidden_size {c.hidden_size} does not split into "
                                                    f"{c.num_attention_heads} attention heads over {c.num_key_value_heads} key/value heads")
+    rms = c.feature_rms
+    if not isinstance(rms, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rms):
+        raise validate.fault(folder / CONFIG_FILE, f"feature_rms must be positive numbers, found {rms!r}"[:120])
+    if c.fc_norm and c.norm_before_fc:
+        raise validate.fault(folder / CONFIG_FILE, "fc_norm and norm_before_fc exclude each other (one feature norm)")
     if c.draft_vocab_size > c.vocab_size:
         raise validate.fault(folder / CONFIG_FILE, f"draft_vocab_size {c.draft_vocab_size} exceeds vocab_size {c.vocab_size}")
     state = validate.safetensors(folder / WEIGHTS_FILE)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..corpus import Corpus
-from ..eagle.model import EagleConfig, EagleLayer, default_layers, draft_vocabulary, load_eagle, save_eagle
+from ..eagle.model import (EagleConfig, EagleLayer, default_layers, draft_vocabulary, load_eagle, median_feature_rms,
+                           save_eagle)
 from ..errors import BlockdraftError
 from ..models import LoadedModel, cache_root, model_fingerprint
 from .batching import length_batches
@@ -183,6 +184,8 @@ def train_eagle(loaded: LoadedModel, corpus_dir: str | Path, out: str | Path, cf
     bar.close()
     seconds = time.perf_counter() - began
     accuracy = evaluate(layer, embed, data, held, t2d, cfg)
+    rows = np.linspace(0, len(data.features) - 1, min(len(data.features), 65_536)).astype(np.int64)
+    layer.config.feature_rms = median_feature_rms(torch.from_numpy(np.asarray(data.features[rows])), len(layers))
     previous = dict(layer.config.training)
     layer.config.training = {
         "corpus_answers": len(data), "corpus_positions": int(data.offsets[-1]),
