@@ -178,8 +178,9 @@ class LlamaFastPath(nn.Module):
         self._built_for: tuple = ()
 
     def reserve(self, positions: int) -> None:
-        """Size the cache for at least `positions` at its next reset (it never shrinks)."""
-        self.capacity = max(self.capacity, positions)
+        """Size the cache for at least `positions` at its next reset (it never shrinks), in whole
+        KEY_BLOCKs: bfloat16 attention then reads its padded key span as a view, never a copy."""
+        self.capacity = max(self.capacity, padded_keys(positions))
 
     def reset(self) -> None:
         """Empty the cache; (re)build the fused weights if the model's weights changed since."""
