@@ -11,7 +11,7 @@ per target call that implies, and whether the two servers' greedy token ids agre
 llama.cpp's EAGLE-3 graph has one feature norm: an RMSNorm over all fused features together
 (`norm_before_fc`); its converter refuses a drafter that normalises each target layer
 separately (`fc_norm`, ours). So the export merges them first (`--feature-norm one`,
-blockdraft.eagle.model.one_feature_norm). Any refusal of the converter ends the run, verbatim.
+blockdraft.export.exported_eagle). Any refusal of the converter ends the run, verbatim.
 
     python benchmarks/llamacpp_eagle3.py --llama-cpp SRC --server BUILD/bin/llama-server \\
         --out runs/llamacpp-eagle3 [--eagle FOLDER] [--per-category N] [--threads 2]
@@ -120,8 +120,7 @@ def main() -> None:
 
     import blockdraft
     from blockdraft.bench.datasets import load_questions
-    from blockdraft.eagle.model import load_eagle, one_feature_norm
-    from blockdraft.export import export_eagle3
+    from blockdraft.export import export_eagle3, exported_eagle
     from blockdraft.models import gguf_file
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -142,10 +141,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     dec = blockdraft.load(eagle=args.eagle)
-    dec.eagle()  # checked against the model
-    layer, model = load_eagle(dec.eagle_path), dec.loaded.model
-    if layer.config.fc_norm:
-        layer = one_feature_norm(layer)
+    layer = exported_eagle(dec, "one" if dec.eagle().config.fc_norm else "as-trained")
+    model = dec.loaded.model
     export = args.out / "eagle3-export"
     shutil.rmtree(export, ignore_errors=True)
     export_eagle3(layer, model, export, verifier=str(dec.loaded.model.name_or_path))

@@ -150,8 +150,7 @@ def cmd_train_eagle(args) -> None:
 def cmd_export(args) -> None:
     from pathlib import Path
 
-    from .eagle.model import load_eagle, one_feature_norm
-    from .export import export_eagle3, export_medusa
+    from .export import export_eagle3, export_medusa, exported_eagle
     from .models import ALIASES
 
     if args.format != "eagle3" and args.feature_norm != "as-trained":
@@ -162,10 +161,7 @@ def cmd_export(args) -> None:
     with FolderLock(args.out):
         if args.format == "eagle3":
             verifier = ALIASES[dec.loaded.alias].upstream if dec.loaded.alias in ALIASES else dec.loaded.name
-            layer = dec.eagle()  # checked against the model
-            if args.feature_norm == "one":
-                layer = one_feature_norm(load_eagle(dec.eagle_path))
-            export_eagle3(layer, model, Path(args.out), verifier)
+            export_eagle3(exported_eagle(dec, args.feature_norm), model, Path(args.out), verifier)
         else:
             export_medusa(dec.require_heads(), model, Path(args.out))
     print(f"{args.format} checkpoint written to {args.out}")
