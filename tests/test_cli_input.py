@@ -103,6 +103,8 @@ def test_calibrate_measures_the_cost_curve_and_json_names_the_resolved_method(mo
     assert curve["ms"] == sorted(curve["ms"])
     out = _generate(model_dir, capsys, "--prompt", PROMPT)
     assert out["resolved_method"] == "ar"
+    from blockdraft.cpu import fast_bfloat16
+    assert out["dtype"] == ("bfloat16" if fast_bfloat16() else "float32")  # --dtype auto
     assert main(["generate", "--model", str(model_dir), "--prompt", PROMPT, "--method", "fast", "--json",
                  "--max-new-tokens", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["resolved_method"] == "lookup"  # fast without heads

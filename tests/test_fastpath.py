@@ -5,11 +5,12 @@ import torch
 from blockdraft.cpu import OneDNNLinear, use_onednn_linears
 from blockdraft.drafting import HeadsDrafter
 from blockdraft.engine import DecodeConfig, generate
-from blockdraft.fastpath import LlamaFastPath, padded_keys, unsupported
+from blockdraft.exact_attention import padded_keys
+from blockdraft.fastpath import LlamaFastPath, unsupported
 from blockdraft.refine.base import ArgmaxRefiner
 from blockdraft.target import TREE_SLACK, TargetModel
 from blockdraft.testing import random_heads, reference_greedy, tiny_llama
-from blockdraft.tree import build_tree
+from blockdraft.tree import TokenTree, build_tree
 
 
 def _steps(target: TargetModel, prompt: list[int]) -> list[torch.Tensor]:
@@ -134,7 +135,7 @@ def test_bfloat16_attention_rows_equal_one_query_alone():
     """Each tree row's bfloat16 attention equals that query decoded alone, bit for bit, over
     many cache lengths and tree sizes (with reductions over the exact key count, 7 of these
     rows differed in the last bit: the sum's tail depended on the padding)."""
-    from blockdraft.fastpath import row_exact_attention
+    from blockdraft.exact_attention import row_exact_attention
 
     differing = 0
     for seed in range(100):
@@ -147,3 +148,92 @@ def test_bfloat16_attention_rows_equal_one_query_alone():
             alone = row_exact_attention(q[:, :, i:i + 1], k[:, :, :past + i + 1], v[:, :, :past + i + 1], None, 0.125)
             differing += not torch.equal(alone[0, :, 0], tree[0, :, i])
     assert differing == 0
+
+
+def _random_tree(g: torch.Generator, n: int) -> TokenTree:
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)]
+    depths = [0]
+    for node in range(1, n):
+        depths.append(depths[parents[node]] + 1)
+    return TokenTree([0] * n, parents, depths)
+
+
+def test_bfloat16_attention_over_branching_trees_equals_each_row_alone():
+    """Rows of random token trees (a product per root-to-leaf path, the path's nodes written
+    right after the cache) equal each node decoded alone after its ancestors, bit for bit; the
+    cache view they were handed is left as it was."""
+    from blockdraft.exact_attention import path_layout, row_exact_attention
+
+    differing = paths = 0
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        past, n = int(torch.randint(5, 200, (1,), generator=g)), int(torch.randint(2, 33, (1,), generator=g))
+        tree = _random_tree(g, n)
+        ancestors = tree.ancestor_mask()
+        allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), ancestors], 1)
+        q = torch.randn(1, 9, n, 64, generator=g).bfloat16()
+        size = padded_keys(past + n)  # a cache view: whole key blocks, zeros past the real keys
+        k, v = (torch.randn(1, 3, size, 64, generator=g).bfloat16() for _ in range(2))
+        k[:, :, past + n:], v[:, :, past + n:] = 0, 0
+        before = v.clone()
+        layout = path_layout(allowed, past + n)
+        paths += len(layout.paths)
+        got = row_exact_attention(q, k, v, allowed, 0.125, valid=past + n, layout=layout)
+        assert torch.equal(v, before)
+        for i in range(n):
+            chain = past + ancestors[i].nonzero().flatten()
+            keys, values = (torch.cat([x[:, :, :past], x[:, :, chain]], 2) for x in (k, v))
+            alone = row_exact_attention(q[:, :, i:i + 1], keys, values, None, 0.125)
+            differing += not torch.equal(alone[0, :, 0], got[0, :, i])
+    assert differing == 0 and paths > 60 * 3  # branching trees, not chains
+
+
+def test_bfloat16_attention_with_other_visibility_copies_each_rows_keys():
+    """A mask that is no token tree (a row skipping part of the cache) has no path layout; its
+    rows are still computed exactly, from copies of their keys."""
+    from blockdraft.exact_attention import path_layout, row_exact_attention
+
+    g = torch.Generator().manual_seed(0)
+    past, n = 70, 4
+    allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), torch.eye(n, dtype=torch.bool)], 1)
+    allowed[2, 10:20] = False
+    assert path_layout(allowed, past + n) is None
+    q = torch.randn(1, 9, n, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 3, past + n, 64, generator=g).bfloat16() for _ in range(2))
+    got = row_exact_attention(q, k, v, allowed, 0.125)
+    keep = allowed[2].nonzero().flatten()
+    alone = row_exact_attention(q[:, :, 2:3], k[:, :, keep], v[:, :, keep], None, 0.125)
+    assert torch.equal(alone[0, :, 0], got[0, :, 2])
+
+
+def test_bfloat16_products_over_many_rows_equal_each_row_alone():
+    """A drafted call's projections take at most EXACT_ROWS rows per product: past 32 rows,
+    oneDNN's bfloat16 kernels change and a row's result with them (SmolLM2's shapes here)."""
+    from blockdraft.cpu import EXACT_ROWS
+    from blockdraft.fastpath import _Linear
+
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(960, 576, generator=g) * 0.05).bfloat16()
+    x = torch.randn(1, 70, 576, generator=g).bfloat16()
+    alone = torch.cat([torch.nn.functional.linear(x[:, i:i + 1], weight) for i in range(70)], 1)
+    assert torch.equal(_Linear(weight)(x, EXACT_ROWS), alone)
+
+
+def test_bfloat16_tree_attention_over_a_long_cache_equals_each_row_alone():
+    """Long caches and long paths: each product takes at most rows_per_product rows (more rows
+    change oneDNN's kernel at some widths and a row's result with it)."""
+    from blockdraft.exact_attention import row_exact_attention
+
+    g = torch.Generator().manual_seed(1)
+    past = 6100
+    tree = build_tree(0, [list(range(1, 25)), [1, 2, 30, 31], [40, 41]])
+    n = tree.size
+    ancestors = tree.ancestor_mask()
+    allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), ancestors], 1)
+    q = torch.randn(1, 9, n, 64, generator=g).bfloat16()
+    k, v = (torch.randn(1, 3, padded_keys(past + n), 64, generator=g).bfloat16() for _ in range(2))
+    got = row_exact_attention(q, k, v, allowed, 0.125, valid=past + n)
+    for i in range(n):
+        chain = past + ancestors[i].nonzero().flatten()
+        keys, values = (torch.cat([x[:, :, :past], x[:, :, chain]], 2) for x in (k, v))
+        assert torch.equal(row_exact_attention(q[:, :, i:i + 1], keys, values, None, 0.125)[0, :, 0], got[0, :, i]), i

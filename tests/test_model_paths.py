@@ -142,3 +142,19 @@ def test_default_alias_cache_folder_is_the_alias(capsys):
     by_folder = json.loads(capsys.readouterr().out)
     assert by_folder["text"] == by_alias["text"] and by_folder["heads"] == by_alias["heads"] is not None
     assert by_alias["model"] == "smollm2-135m (Q4_1 GGUF, dequantised)"
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bfloat16(monkeypatch, tmp_path):
+    from blockdraft import cpu
+    from blockdraft.models import parse_dtype
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(cpu, "fast_bfloat16", lambda native=native: native)
+        assert parse_dtype("auto") == parse_dtype("auto", torch.device("cpu")) == expected
+    assert parse_dtype("float32") == torch.float32 and parse_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(BlockdraftError, match="auto, float32"):
+        parse_dtype("int3")
+    tiny_llama(3, dtype=torch.float32).save_pretrained(tmp_path / "m")
+    tiny_tokenizer(64).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(cpu, "fast_bfloat16", lambda: True)
+    assert load_model(str(tmp_path / "m"), "auto").model.dtype == torch.bfloat16

@@ -105,6 +105,7 @@ class Decoder:
         once per model, device, dtype, thread count, CPU and decoder body, then read from the cache
         folder; remeasure=True measures it again (and caches it unless the machine looked busy)."""
         from .cpu import cpu_model, linear_path
+        from .exact_attention import LAYOUT
         from .models import cache_root
         from .sizing import cached_cost_curve
 
@@ -112,8 +113,8 @@ class Decoder:
             weight = self.target.lm_head.weight
             key = {"model": self.loaded.alias or self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
                    "dtype": str(weight.dtype), "threads": torch.get_num_threads(), "cpu": cpu_model(),
-                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": linear_path(),
-                   "body": self.target.path}
+                   "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": linear_path(weight.dtype),
+                   "body": self.target.path, "exact_attention": LAYOUT}
             self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves", remeasure)
         return self._cost
 
@@ -362,17 +363,21 @@ def _draft_heads(loaded: LoadedModel, heads, cpu_fast_path: bool) -> tuple[Draft
     return loaded_heads, str(heads)
 
 
-def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str = "float32",
+def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str = "auto",
          device: str | None = None, onednn: bool = True, offline: bool | None = None,
          eagle: str | Path | None = None) -> Decoder:
     """Load a target model and draft heads. heads="default" picks the shipped heads of a known
     alias (also when the model is given as a folder holding that alias's weights); other models
     have none unless a heads folder is given.
 
+    dtype="auto" is bfloat16 on a CPU with native bfloat16 and float32 elsewhere
+    (blockdraft.models.parse_dtype); every method's output is exact against plain decoding at
+    the dtype it resolves to (`dec.loaded.model.dtype`).
+
     offline=None reads only the local cache when the user set HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE;
     True always does; False allows hub downloads (blockdraft.models.load_model).
 
-    onednn=True runs a CPU float32 model's linear layers through oneDNN (blockdraft.cpu): the
+    onednn=True runs a CPU model's linear layers (float32; bfloat16 on native-bfloat16 CPUs) through oneDNN (blockdraft.cpu): the
     same math with kernels that are 1.4-2x faster here, for every method alike, HF generate
     included; masked attention runs on the grouped key/value heads (blockdraft.cpu.grouped_kv_sdpa).
     Both changes are made in place on the model this call loads (`dec.loaded.model`), whose

@@ -10,13 +10,16 @@ import typing
 from .errors import BlockdraftError
 from . import sampling as sampling_args
 from .config_args import add_config_arguments, config_from_arguments
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, DTYPE_CHOICES
 from .outdir import FolderLock, check_free
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    """--model, --dtype (default `dtype`: "auto" where the command decodes, float32 where it
+    trains or writes data), --device and --offline."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF model id, local directory or alias (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16 or float64")
+    auto = "auto: bfloat16 on a CPU with native bfloat16 (AVX-512 BF16/AMX), float32 elsewhere"
+    p.add_argument("--dtype", default=dtype, help=f"{', '.join(DTYPE_CHOICES)} (default: {dtype}; {auto})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--offline", action="store_true", default=None,
                    help="never contact the Hugging Face hub (also on when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
@@ -55,7 +58,7 @@ def cmd_generate(args) -> None:
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     result = dec.generate(args.prompt, method=args.method, max_new_tokens=args.max_new_tokens, raw=args.raw,
                           stop=stops, system=args.system, on_text=stream, **dataclasses.asdict(sampling))
-    summary = {"text": result.text, "method": args.method, "resolved_method": dec.spec(args.method).name, "model": dec.loaded.label, "heads": dec.heads_path,
+    summary = {"text": result.text, "method": args.method, "resolved_method": dec.spec(args.method).name, "model": dec.loaded.label, "dtype": str(dec.loaded.model.dtype).removeprefix("torch."), "heads": dec.heads_path,
                "new_tokens": result.new_tokens, "steps": result.steps,
                "block_efficiency": round(result.block_efficiency, 4), "seconds": round(result.seconds, 4),
                "tokens_per_s": round(result.new_tokens / result.seconds, 2) if result.seconds else 0.0,
@@ -267,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text, losslessly accelerated by block drafts (greedy or sampled)")
-    _model_args(p)
+    _model_args(p, "auto")
     p.add_argument("--prompt", required=True, help="the user message (chat template applied unless --raw); - reads it from stdin")
     p.add_argument("--system", default=None, help="a system message, through the model's chat template")
     p.add_argument("--heads", default=None, help="draft heads folder (default: the shipped heads for the model)")
@@ -281,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("calibrate", help="measure this machine's forward-cost curve again (sized drafts, e.g. fast)")
-    _model_args(p)
+    _model_args(p, "auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.set_defaults(func=cmd_calibrate, heads=None)
 
@@ -365,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-domain", type=int, default=4, help="held-out sequences per domain")
     p.set_defaults(func=cmd_tune)
     p = sub.add_parser("analyze", help="draft analysis: repetition, head entropy, oracle top-k block efficiency")
-    _model_args(p)
+    _model_args(p, "auto")
     p.add_argument("--prompts", default=None, help="Spec-Bench JSONL (default: the shipped question_dev.jsonl)")
     p.add_argument("--categories", default=None, help="comma-separated categories or groups (e.g. mt_bench,qa)")
     p.add_argument("--per-category", type=int, default=None, help="first N questions of each category")
@@ -377,9 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     from .bench import add_parser as add_bench_parser  # `blockdraft bench`: flags and command in bench/
-    add_bench_parser(sub, _model_args)
+    add_bench_parser(sub, lambda p: _model_args(p, "auto"))
     from .serve import add_parser as add_serve_parser  # `blockdraft serve`: flags and command in serve/
-    add_serve_parser(sub, _model_args)
+    add_serve_parser(sub, lambda p: _model_args(p, "auto"))
     return parser
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb
 
-from .cpu import OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
+from .cpu import EXACT_ROWS, OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
+from .exact_attention import padded_keys, path_layout, row_exact_attention
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -35,7 +36,7 @@ def unsupported(model: nn.Module) -> str | None:
 
 
 class _Linear:
-    """x @ W^T with W packed for oneDNN (CPU float32) or kept dense (other dtypes)."""
+    """x @ W^T with W packed for oneDNN (CPU float32; bfloat16 on native-bfloat16 CPUs) or kept dense."""
 
     def __init__(self, weight: torch.Tensor | None, packed: torch.Tensor | None = None):
         self.packed = packed
@@ -43,7 +44,10 @@ class _Linear:
             self.packed = pack_weight(weight)
         self.weight = None if self.packed is not None else weight
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """x [1, N, in] @ W^T, at most `rows` rows per product (None: all at once)."""
+        if rows is not None and x.shape[1] > rows:
+            return torch.cat([self(part) for part in x.split(rows, 1)], 1)
         return packed_linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight)
 
 
@@ -63,7 +67,7 @@ def _fused(*modules: nn.Module) -> _Linear:
 
 
 def share_projections(model: nn.Module) -> int:
-    """Pack a CPU float32 Llama model's decoder projections once, in place, as the fast path runs
+    """Pack a CPU Llama model's decoder projections (float32; bfloat16 on native-bfloat16 CPUs) once, in place, as the fast path runs
     them (q|k|v and gate|up fused; o and down alone), dropping the dense weights: the fast path
     and the model's own forward then share one copy. Returns how many projections were replaced.
 
@@ -95,66 +99,6 @@ def _share_rows(module: nn.Module, names: tuple[str, ...]) -> int:
         start += part.out_features
         release_pages(part.weight)
     return len(names)
-
-
-KEY_BLOCK = 64  # bfloat16 attention reduces over key counts rounded up to this (see row_exact_attention)
-
-
-def padded_keys(count: int) -> int:
-    """The key count a bfloat16 attention call reduces over: `count` rounded up to KEY_BLOCK."""
-    return -(-count // KEY_BLOCK) * KEY_BLOCK
-
-
-def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
-                        scale: float, valid: int | None = None) -> torch.Tensor:
-    """Grouped-query attention whose every query row is computed exactly as plain decoding
-    computes it (bfloat16): a token's logits must not depend on which other tree nodes share
-    its forward, or drafted steps could pick another token than plain decoding.
-
-    Why not SDPA: on this CPU, bfloat16 SDPA (a fused kernel chosen by query count and mask)
-    moved SmolLM2's logits by up to 0.75 between a 1-node and a 2+-node forward. Here each query
-    row reads its visible keys gathered in order (the cache, then its ancestors: the sequence
-    plain decoding reads); a causal call (the prefill, one token) keeps the batched product, its
-    rows reading key prefixes in order. Every call reduces over a key count that is a multiple
-    of KEY_BLOCK, the rest padded with zero-probability keys at the end: the softmax's sum and
-    the probabilities' product then see the same vector layout for a row alone or in a tree
-    (with the exact count, the reductions' scalar tails moved real SmolLM2 logits by up to
-    0.6). Scores are rounded to bfloat16 by the product, then scaled, masked and normalised in
-    float32. q [1, H, N, D], keys/values [1, KV, L, D] of which the first `valid` (default: all)
-    are real; allowed [N, valid] (None: causal, the last N real keys new).
-    """
-    b, h, n, d = q.shape
-    kv, valid = keys.shape[1], keys.shape[2] if valid is None else valid
-    g = h // kv  # query heads j*g .. j*g+g-1 read key/value head j
-    if allowed is None:  # causal (a prefill, or one token): rows read key prefixes in order already
-        width = padded_keys(valid)
-        keys, values = _pad_keys(keys, width), _pad_keys(values, width)
-        grouped = q.reshape(b, kv, g * n, d)
-        scores = (grouped @ keys.transpose(-1, -2)).float().view(b, h, n, width) * scale
-        causal = torch.ones(n, width, dtype=torch.bool, device=q.device).tril(valid - n)
-        probs = scores.masked_fill_(~causal, float("-inf")).softmax(-1).to(values.dtype)
-        return (probs.view(b, kv, g * n, width) @ values).view(b, h, n, d)
-    width = padded_keys(int(allowed.sum(-1).max()))
-    # each row's visible key positions in ascending order, padded with position 0 (masked below)
-    positions = torch.arange(valid, device=q.device)
-    order = torch.sort(torch.where(allowed[:, :valid], positions, valid), -1).values
-    order = torch.cat([order, order.new_full((n, max(0, width - order.shape[1])), valid)], -1)[:, :width]
-    pad = order >= valid
-    order = order.masked_fill(pad, 0)
-    k_rows = keys[0][:, order]  # [KV, N, W, D]
-    v_rows = values[0][:, order]
-    q_rows = q[0].view(kv, g, n, d).transpose(1, 2)  # [KV, N, g, D]
-    scores = (q_rows @ k_rows.transpose(-1, -2)).float() * scale  # [KV, N, g, W]
-    probs = scores.masked_fill_(pad[None, :, None, :], float("-inf")).softmax(-1).to(values.dtype)
-    out = probs @ v_rows  # [KV, N, g, D]
-    return out.transpose(1, 2).reshape(1, h, n, d)
-
-
-def _pad_keys(x: torch.Tensor, width: int) -> torch.Tensor:
-    """x [B, KV, L, D] cut or zero-padded to `width` keys (a view where it is long enough)."""
-    if x.shape[2] >= width:
-        return x[:, :, :width]
-    return torch.cat([x, x.new_zeros(*x.shape[:2], width - x.shape[2], x.shape[3])], 2)
 
 
 class LlamaFastPath(nn.Module):
@@ -245,24 +189,28 @@ class LlamaFastPath(nn.Module):
         if allowed is None and n > 1 and past > 0:
             allowed = torch.ones(n, end, dtype=torch.bool).tril(past)
         causal = allowed is None and n > 1
+        exact = x.dtype == torch.bfloat16
+        layout = path_layout(allowed, end) if exact and allowed is not None else None
+        # a drafted call's rows must each come out as if fed alone (a prefill's need not)
+        rows = EXACT_ROWS if exact and past > 0 else None
         split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         kept = {}
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
-            q, k, v = qkv(norm1(x)).split(split, -1)
+            q, k, v = qkv(norm1(x), rows).split(split, -1)
             q, k = apply_rotary_pos_emb(self._heads(q, n), self._heads(k, n), cos, sin)
             self.keys[i, :, past:end] = k[0]
             self.values[i, :, past:end] = self._heads(v, n)[0]
-            if x.dtype == torch.bfloat16:  # the cache past `end` (finite, masked out) pads the reductions
+            if exact:  # the cache past `end` (finite, masked out) pads the reductions
                 span = min(padded_keys(end), self.keys.shape[2])
                 att = row_exact_attention(q, self.keys[i, None, :, :span], self.values[i, None, :, :span], allowed,
-                                          self.head_dim ** -0.5, valid=end)
+                                          self.head_dim ** -0.5, valid=end, layout=layout)
             else:
                 keys, values = self.keys[i, None, :, :end], self.values[i, None, :, :end]
                 att = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, is_causal=causal,
                                                      scale=self.head_dim ** -0.5, enable_gqa=True)
-            x = x + out(att.transpose(1, 2).reshape(1, n, -1))
-            gate, up = gate_up(norm2(x)).chunk(2, -1)
-            x = x + down(F.silu(gate) * up)
+            x = x + out(att.transpose(1, 2).reshape(1, n, -1), rows)
+            gate, up = gate_up(norm2(x), rows).chunk(2, -1)
+            x = x + down(F.silu(gate) * up, rows)
             if i in layers:
                 kept[i] = x[0]
         self.length = end

@@ -69,9 +69,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("BLOCKDRAFT_CACHE", Path.home() / ".cache" / "blockdraft"))
 
 
-def parse_dtype(name: str) -> torch.dtype:
+DTYPE_CHOICES = ("auto", *_DTYPES)
+
+
+def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """A dtype by name; "auto" is bfloat16 on a CPU with native bfloat16 dot products (AVX-512
+    BF16 or AMX: fewer bytes per step, and the fast path's exact bfloat16 attention) and
+    float32 elsewhere, GPUs included."""
+    if name == "auto":
+        from .cpu import fast_bfloat16
+
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        return torch.bfloat16 if on_cpu and fast_bfloat16() else torch.float32
     if name not in _DTYPES:
-        raise BlockdraftError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+        raise BlockdraftError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     return _DTYPES[name]
 
 
@@ -117,7 +128,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
     from . import validate
 
     validate.model_spec(spec)
-    target_device, torch_dtype = parse_device(device), parse_dtype(dtype)  # before any loading work
+    target_device = parse_device(device)  # before any loading work
+    torch_dtype = parse_dtype(dtype, target_device)
     offline = offline_requested() if offline is None else offline
     path, local = _locate(spec, offline)
     if local and Path(path).is_dir():  # a truncated weights file or a config.json that is not an object: one line

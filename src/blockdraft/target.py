@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .cpu import EXACT_ROWS
 from .errors import BlockdraftError
 from .tree import TokenTree
 
@@ -74,7 +75,7 @@ class TransformersBody:
 
 
 TREE_SLACK = 256  # cache positions a step's draft tree may hold beyond the committed ones
-LOGIT_ROWS = 32  # rows per output-projection product (see TargetModel.forward)
+LOGIT_ROWS = EXACT_ROWS  # rows per output-projection product (see TargetModel.forward)
 
 
 class TargetModel:

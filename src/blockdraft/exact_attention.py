@@ -1,0 +1,184 @@
+"""Grouped-query bfloat16 attention whose every query row is computed exactly as plain decoding
+computes it: a token's logits must not depend on which other tree nodes share its forward, or
+drafted steps could pick another token than plain decoding.
+
+Why not SDPA: on this CPU, bfloat16 SDPA (a fused kernel chosen by query count and mask) moved
+SmolLM2's logits by up to 0.75 between a 1-node and a 2+-node forward. What stays exact here
+(tests/test_fastpath.py checks each, bit for bit): a score q.k does not depend on how many
+queries or keys share the product; a row's softmax depends only on that row's vector; and a
+row's probabilities-times-values product depends only on the keys it reduces over, in order,
+padded to a multiple of KEY_BLOCK with zero-probability keys at the end (with the exact count,
+the reductions' scalar tails moved real SmolLM2 logits by up to 0.6).
+
+So a tree row reduces over the layout plain decoding gives it (the cache, then its ancestors in
+depth order, then padding). A tree's rows fall into root-to-leaf paths; the rows of one path
+share that layout, so each path needs a product over the cache with its nodes written right
+after it (a few rows of copying), not a copy of the whole cache per row; a product takes at
+most `rows_per_product` rows, the count up to which a row's result stays its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KEY_BLOCK = 64  # bfloat16 attention reduces over key counts rounded up to this
+LAYOUT = "per-path"  # how tree rows get their layout (cost curves measured under another are stale)
+
+
+def rows_per_product(group: int) -> int:
+    """How many query rows (of `group` heads each) one probabilities-times-values product may
+    take and still give each row what a product of its own gives: measured here over widths up
+    to 8,192 keys, oneDNN's bfloat16 products keep a row's result up to 16 product rows (past 32
+    they change kernels), except single-head rows (group 1), which only match alone."""
+    return 16 // group if group > 1 else 1
+
+
+def padded_keys(count: int) -> int:
+    """The key count a bfloat16 attention call reduces over: `count` rounded up to KEY_BLOCK."""
+    return -(-count // KEY_BLOCK) * KEY_BLOCK
+
+
+@dataclass(frozen=True)
+class PathLayout:
+    """A tree call's rows grouped by root-to-leaf path; built once per call, used by every layer.
+
+    Rows are reordered by `order` so that each path's rows are one slice; `paths` holds each
+    slice's bounds, its path's tree nodes in depth order, and whether those nodes already sit in
+    cache order (a chain); `columns` [N, width] names the key each reordered row reads at each
+    place of its plain-decoding layout, `visible` [N, width] is False on the padding."""
+
+    order: torch.Tensor
+    restore: torch.Tensor  # inverse of order
+    paths: tuple[tuple[int, int, torch.Tensor, bool], ...]
+    columns: torch.Tensor
+    visible: torch.Tensor
+    width: int
+
+
+def path_layout(allowed: torch.Tensor, valid: int) -> PathLayout | None:
+    """The layout of a call whose N rows see the whole cache and each a chain of the call's nodes
+    (ancestors before descendants, itself last): any token tree. None for other visibility.
+    allowed [N, valid] (True = may attend), the last N keys being the call's own."""
+    n = allowed.shape[0]
+    past = valid - n
+    if past < 0 or not bool(allowed[:, :past].all()):
+        return None
+    sees = allowed[:, past:valid]
+    if not bool(sees.diagonal().all()):
+        return None
+    depth = sees.sum(-1)  # nodes a row reads: its ancestors and itself
+    ends = (~(sees & ~torch.eye(n, dtype=torch.bool)).any(0)).nonzero().flatten()  # rows nobody else reads
+    owner = sees.T[:, ends].to(torch.int8).argmax(-1)  # each row's path: the first end that reads it
+    path_sees = sees[ends[owner]]
+    if not bool((sees == (path_sees & (path_sees.cumsum(-1) <= depth[:, None]))).all()):
+        return None  # some row's nodes are not the first nodes of its path: not a tree
+    nodes = [sees[end].nonzero().flatten() for end in ends.tolist()]
+    order = torch.sort(owner, stable=True).indices
+    paths, start = [], 0
+    for path, count in enumerate(torch.bincount(owner, minlength=len(ends)).tolist()):
+        if count:
+            chain = bool(torch.equal(nodes[path], torch.arange(len(nodes[path]))))
+            paths.append((start, start + count, nodes[path], chain))
+        start += count
+    width = padded_keys(past + int(depth.max()))
+    place = torch.arange(width)
+    row_nodes = torch.zeros(n, n, dtype=torch.long)  # each row's path nodes, in depth order
+    for row, path in enumerate(owner.tolist()):
+        row_nodes[row, : len(nodes[path])] = nodes[path]
+    tree_place = (place - past).clamp(0, n - 1).expand(n, width)
+    columns = torch.where(place < past, place, past + row_nodes.gather(1, tree_place))
+    visible = place[None, :] < (past + depth)[:, None]
+    restore = torch.empty_like(order)
+    restore[order] = torch.arange(n)
+    return PathLayout(order, restore, tuple(paths), columns.masked_fill(~visible, 0)[order], visible[order], width)
+
+
+def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
+                        scale: float, valid: int | None = None, layout: PathLayout | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v per query row, each row exactly as if decoded alone.
+
+    q [1, H, N, D], keys/values [1, KV, L, D] of which the first `valid` (default: all) are real
+    and the rest finite padding (a view of a cache sized in whole KEY_BLOCKs reads as one);
+    allowed [N, valid] (None: causal, the last N real keys new). `layout`: path_layout(allowed,
+    valid), when the caller calls this for many layers. Scores are rounded to bfloat16 by the
+    product, then scaled, masked and normalised in float32. While a tree's paths are worked
+    through, `values` past the cache holds each path's nodes in turn; it is restored on return.
+    """
+    valid = keys.shape[2] if valid is None else valid
+    if allowed is None:
+        return _causal(q, keys, values, scale, valid)
+    layout = layout or path_layout(allowed, valid)
+    if layout is None:
+        return _gathered(q, keys, values, allowed, scale, valid)
+    return _by_path(q, keys, values, layout, scale, valid)
+
+
+def _causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, valid: int) -> torch.Tensor:
+    """A prefill or one token: the rows read key prefixes in order already, one product."""
+    b, h, n, d = q.shape
+    kv = keys.shape[1]
+    width = padded_keys(valid)
+    keys, values = _pad_keys(keys, width), _pad_keys(values, width)
+    grouped = q.reshape(b, kv, h // kv * n, d)
+    scores = (grouped @ keys.transpose(-1, -2)).float().view(b, h, n, width) * scale
+    causal = torch.ones(n, width, dtype=torch.bool, device=q.device).tril(valid - n)
+    probs = scores.masked_fill_(~causal, float("-inf")).softmax(-1).to(values.dtype)
+    return (probs.view(b, kv, h // kv * n, width) @ values).view(b, h, n, d)
+
+
+def _by_path(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: PathLayout, scale: float,
+             valid: int) -> torch.Tensor:
+    """A token tree: scores in one product, each row's laid out as plain decoding's, then one
+    probabilities-times-values product per path with that path's nodes right after the cache."""
+    b, h, n, d = q.shape
+    kv, width = keys.shape[1], layout.width
+    g, past = h // kv, valid - n
+    values = _pad_keys(values, max(width, values.shape[2]))  # a short tensor (not a cache view) is copied
+    rows = q.view(b, kv, g, n, d)[:, :, :, layout.order].transpose(2, 3).reshape(b, kv, n * g, d)
+    scores = (rows @ keys[:, :, :valid].transpose(-1, -2)).float().view(b, kv, n, g, valid)
+    scores = scores.gather(-1, layout.columns[None, None, :, None, :].expand(b, kv, n, g, width)) * scale
+    probs = scores.masked_fill_(~layout.visible[None, None, :, None, :], float("-inf")).softmax(-1).to(values.dtype)
+    span = values[:, :, :width]
+    out = torch.empty(b, kv, n, g, d, dtype=values.dtype)
+    own = None  # the call's own values, while the cache holds another path's nodes
+    step = rows_per_product(g)
+    for start, stop, nodes, chain in layout.paths:
+        if not chain or own is not None:
+            own = values[:, :, past:valid].clone() if own is None else own
+            values[:, :, past:past + len(nodes)] = own[:, :, nodes]
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            path_probs = probs[:, :, first:last].reshape(b, kv, (last - first) * g, width)
+            out[:, :, first:last] = (path_probs @ span).view(b, kv, last - first, g, d)
+    if own is not None:
+        values[:, :, past:valid] = own
+    return out[:, :, layout.restore].transpose(2, 3).reshape(b, h, n, d)
+
+
+def _gathered(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float,
+              valid: int) -> torch.Tensor:
+    """Any visibility: each row's visible keys copied out in order (slow: a cache copy per row)."""
+    b, h, n, d = q.shape
+    kv = keys.shape[1]
+    g = h // kv
+    width = padded_keys(int(allowed.sum(-1).max()))
+    positions = torch.arange(valid, device=q.device)
+    order = torch.sort(torch.where(allowed[:, :valid], positions, valid), -1).values
+    order = torch.cat([order, order.new_full((n, max(0, width - order.shape[1])), valid)], -1)[:, :width]
+    pad = order >= valid
+    order = order.masked_fill(pad, 0)
+    k_rows = keys[0][:, order]  # [KV, N, W, D]
+    v_rows = values[0][:, order]
+    q_rows = q[0].view(kv, g, n, d).transpose(1, 2)  # [KV, N, g, D]
+    scores = (q_rows @ k_rows.transpose(-1, -2)).float() * scale  # [KV, N, g, W]
+    probs = scores.masked_fill_(pad[None, :, None, :], float("-inf")).softmax(-1).to(values.dtype)
+    out = probs @ v_rows  # [KV, N, g, D]
+    return out.transpose(1, 2).reshape(1, h, n, d)
+
+
+def _pad_keys(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x [B, KV, L, D] cut or zero-padded to `width` keys (a view where it is long enough)."""
+    if x.shape[2] >= width:
+        return x[:, :, :width]
+    return torch.cat([x, x.new_zeros(*x.shape[:2], width - x.shape[2], x.shape[3])], 2)
