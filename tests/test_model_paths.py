@@ -158,3 +158,19 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bfloat16(monkeypat
     tiny_tokenizer(64).save_pretrained(tmp_path / "m")
     monkeypatch.setattr(cpu, "fast_bfloat16", lambda: True)
     assert load_model(str(tmp_path / "m"), "auto").model.dtype == torch.bfloat16
+
+
+def test_loading_in_another_dtype_casts_the_weights_as_transformers_does(tmp_path):
+    """load_model casts weight by weight (to keep the peak low); the result is transformers' own
+    from_pretrained(dtype=...): same tensors, same dtypes, buffers left alone, ties kept."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(3, dtype=torch.float32).save_pretrained(tmp_path / "m")
+    tiny_tokenizer(64).save_pretrained(tmp_path / "m")
+    for dtype in (torch.bfloat16, torch.float16):
+        ours = load_model(str(tmp_path / "m"), str(dtype).removeprefix("torch.")).model
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=dtype)
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+        assert {n: t.dtype for n, t in ours.named_buffers()} == {n: t.dtype for n, t in theirs.named_buffers()}
+        assert ours.config.dtype == dtype

@@ -24,8 +24,19 @@ def decoder():
         pytest.skip(str(exc))
 
 
+@pytest.fixture(scope="module")
+def float32_decoder(decoder):
+    """The default dtype is bfloat16 on CPUs with native bfloat16: float32 is checked too."""
+    import blockdraft
+    import torch
+
+    return decoder if decoder.loaded.model.dtype == torch.float32 else blockdraft.load(dtype="float32")
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_bpd_and_refined_methods_match_plain_decoding(decoder, prompt):
+@pytest.mark.parametrize("dtype", ["default", "float32"])
+def test_bpd_and_refined_methods_match_plain_decoding(decoder, float32_decoder, prompt, dtype):
+    decoder = decoder if dtype == "default" else float32_decoder
     ref = decoder.generate(prompt, method="ar", max_new_tokens=40)
     assert ref.steps == ref.new_tokens  # one token per step
     for method in ("bpd", "bpd-full", "fast", "lookup", "bpd-0gram-p4", "bpd-ngram", "bpd-neural", "eagle", "eagle-ctx"):
