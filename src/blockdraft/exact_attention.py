@@ -29,8 +29,9 @@ LAYOUT = "per-path"  # how tree rows get their layout (cost curves measured unde
 def rows_per_product(group: int) -> int:
     """How many query rows (of `group` heads each) one probabilities-times-values product may
     take and still give each row what a product of its own gives: measured here over widths up
-    to 8,192 keys, oneDNN's bfloat16 products keep a row's result up to 16 product rows (past 32
-    they change kernels), except single-head rows (group 1), which only match alone."""
+    to 8,192 keys, oneDNN's bfloat16 products keep a row's result up to 16 product rows (past
+    that, kernels change at some widths), except single-head rows (group 1), which only match
+    alone at some widths."""
     return 16 // group if group > 1 else 1
 
 
