@@ -75,7 +75,6 @@ class TransformersBody:
 
 
 TREE_SLACK = 256  # cache positions a step's draft tree may hold beyond the committed ones
-LOGIT_ROWS = EXACT_ROWS  # rows per output-projection product (see TargetModel.forward)
 
 
 class TargetModel:
@@ -145,10 +144,10 @@ class TargetModel:
         positions = torch.tensor(tree.depths, device=dev) + past
         hidden, kept = self.runner(torch.tensor(tree.tokens, device=dev), positions, allowed, layers or ())
         self.calls += 1
-        # At most LOGIT_ROWS rows per product: bfloat16 products with SmolLM2's 49,152-row output
-        # projection change kernels past 32 rows here, and a node's logits must not depend on
-        # how many nodes share the call (tests/test_fastpath.py)
-        logits = torch.cat([self.lm_head(rows) for rows in hidden.split(LOGIT_ROWS)])
+        # At most EXACT_ROWS rows per product: past them, bfloat16 kernels change with the row
+        # count, and a node's logits must not depend on how many nodes share the call
+        # (cpu.EXACT_ROWS, tests/test_fastpath.py)
+        logits = torch.cat([self.lm_head(rows) for rows in hidden.split(EXACT_ROWS)])
         return logits, kept if layers else hidden
 
     def rollback(self, tokens: int) -> None:
