@@ -96,6 +96,18 @@ def test_released_pages_of_a_mapped_file_read_back_its_bytes(tmp_path):
     assert torch.equal(mapped, torch.from_numpy(values))
 
 
+def test_releasing_one_view_of_a_shared_storage_keeps_the_others_data():
+    """Only the tensor's own bytes go: weights that share one storage (as a checkpoint loaded
+    into one buffer may) keep theirs, even in anonymous memory, which reads back as zeros."""
+    from blockdraft.cpu import release_pages
+
+    whole = torch.arange(400_000, dtype=torch.float32)
+    first, rest = whole[:200_000], whole[200_000:]
+    expected = rest.clone()
+    release_pages(first)
+    assert torch.equal(rest, expected)
+
+
 def test_a_packed_only_linear_unpacks_its_exact_weight():
     from blockdraft.cpu import can_pack
 

@@ -80,9 +80,9 @@ class PackedRows(nn.Module):
 
 
 def release_pages(tensor: torch.Tensor) -> None:
-    """Give the OS back, now, the memory pages that lie wholly inside `tensor`'s storage
-    (Linux madvise DONTNEED; elsewhere nothing). Only for a tensor about to be dropped that
-    nothing else reads.
+    """Give the OS back, now, the memory pages that lie wholly inside `tensor`'s own bytes
+    (Linux madvise DONTNEED; elsewhere, or for a non-contiguous tensor, nothing). Only for a
+    tensor about to be dropped that nothing else reads.
 
     Why: transformers maps a safetensors checkpoint into memory whole, and the mapping (its
     pages resident once read) lives while any tensor loaded from it lives, so the dense weights
@@ -91,11 +91,11 @@ def release_pages(tensor: torch.Tensor) -> None:
     tensor are left alone; a page dropped here reads back as the file's bytes (or zeros), never
     another tensor's data.
     """
-    if not sys.platform.startswith("linux") or tensor.device.type != "cpu":
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return
-    storage = tensor.untyped_storage()
-    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    stop = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    # the tensor's bytes, not its whole storage: a storage shared with other tensors keeps theirs
+    start = -(-tensor.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    stop = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE * mmap.PAGESIZE
     if stop > start:
         _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), MADV_DONTNEED)
 
