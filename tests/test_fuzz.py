@@ -33,3 +33,13 @@ def test_random_requests_equal_plain_decoding(decoder, prompt, budget, method, s
     got = decoder.generate(ids=prompt, method=method, max_new_tokens=budget, stop=stop)
     assert (got.ids, got.text, got.stop_reason) == (want.ids, want.text, want.stop_reason)
     assert got.steps <= want.steps
+
+
+def test_a_stop_string_before_an_end_of_turn_in_one_block_stops_as_plain_decoding_does(decoder):
+    """Found by the test above: `bpd` committed "which" and <|im_end|> in one step and reported
+    the end of turn, keeping its id, where plain decoding stops at the stop string first."""
+    prompt, stop = [23] * 4, ("which",)
+    want = decoder.generate(ids=prompt, method="ar", max_new_tokens=4, stop=stop)
+    got = decoder.generate(ids=prompt, method="bpd", max_new_tokens=4, stop=stop)
+    assert want.stop_reason == "stop_string" and any(s.accepted for s in got.stats)  # a drafted block
+    assert (got.ids, got.text, got.stop_reason) == (want.ids, want.text, want.stop_reason)

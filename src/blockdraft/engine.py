@@ -122,12 +122,13 @@ def _check_request(target: TargetModel, prompt: list[int], cfg: DecodeConfig) ->
 
 
 def _apply_stops(new: list[int], out: list[int], cfg: DecodeConfig, tokenizer) -> tuple[list[int], str]:
-    """Cut the step's tokens at the first stop id, stop string or the token budget."""
+    """Cut the step's tokens at the first stop id, stop string or the token budget, token by
+    token in order, as plain decoding meets them (a stop string ending before an end-of-turn id
+    in the same block stops there, as a stop string)."""
     for i, token in enumerate(new):
         if token in cfg.stop_ids:
             return new[: i + 1], "eos"
-    if cfg.stop_strings and tokenizer is not None:
-        for i in range(len(new)):
+        if cfg.stop_strings and tokenizer is not None:
             text = tokenizer.decode(out + new[: i + 1], skip_special_tokens=True)
             if any(s in text for s in cfg.stop_strings):
                 return new[: i + 1], "stop_string"
