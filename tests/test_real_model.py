@@ -33,10 +33,22 @@ def float32_decoder(decoder):
     return decoder if decoder.loaded.model.dtype == torch.float32 else blockdraft.load(dtype="float32")
 
 
+@pytest.fixture(scope="module")
+def int4_decoder():
+    """4-bit decoder weights (bfloat16 products): the same promise against its own plain decoding."""
+    import blockdraft
+    from blockdraft import int4
+
+    if not int4.available():
+        pytest.skip("this torch has no CPU 4-bit kernels")
+    return blockdraft.load(dtype="int4")
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
-@pytest.mark.parametrize("dtype", ["default", "float32"])
-def test_bpd_and_refined_methods_match_plain_decoding(decoder, float32_decoder, prompt, dtype):
-    decoder = decoder if dtype == "default" else float32_decoder
+@pytest.mark.parametrize("dtype", ["default", "float32", "int4"])
+def test_bpd_and_refined_methods_match_plain_decoding(request, decoder, prompt, dtype):
+    if dtype != "default":
+        decoder = request.getfixturevalue(f"{dtype}_decoder")
     ref = decoder.generate(prompt, method="ar", max_new_tokens=40)
     assert ref.steps == ref.new_tokens  # one token per step
     for method in ("bpd", "bpd-full", "fast", "lookup", "bpd-0gram-p4", "bpd-ngram", "bpd-neural", "eagle", "eagle-ctx"):

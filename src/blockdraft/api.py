@@ -112,7 +112,7 @@ class Decoder:
         if self._cost is None or remeasure:
             weight = self.target.lm_head.weight
             key = {"model": self.loaded.alias or self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
-                   "dtype": str(weight.dtype), "threads": torch.get_num_threads(), "cpu": cpu_model(),
+                   "dtype": self.loaded.dtype_name, "threads": torch.get_num_threads(), "cpu": cpu_model(),
                    "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": linear_path(weight.dtype),
                    "body": self.target.path, "exact_attention": LAYOUT}
             self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves", remeasure)
@@ -371,8 +371,9 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     have none unless a heads folder is given.
 
     dtype="auto" is bfloat16 on a CPU with native bfloat16 and float32 elsewhere
-    (blockdraft.models.parse_dtype); every method's output is exact against plain decoding at
-    the dtype it resolves to (`dec.loaded.model.dtype`).
+    (blockdraft.models.parse_dtype); "int4" stores the decoder body's projections in 4 bits
+    (blockdraft.int4; CPU, Llama family) and computes in bfloat16. Every method's output is
+    exact against plain decoding at the dtype it resolves to (`dec.loaded.dtype_name`).
 
     offline=None reads only the local cache when the user set HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE;
     True always does; False allows hub downloads (blockdraft.models.load_model).
@@ -387,14 +388,23 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     eagle: an eagle drafter folder (default: the shipped one of a known alias), loaded and checked now.
     """
     from .cpu import attend_with_grouped_kv, use_onednn_linears
-    from .fastpath import share_projections
+    from .fastpath import share_projections, unsupported
 
     loaded = load_model(model, dtype, device, offline)
     cpu_fast_path = onednn and loaded.device.type == "cpu"
     draft_heads, path = _draft_heads(loaded, heads, cpu_fast_path)
     swapped, replaced = 0, None
+    if loaded.weights == "int4":  # the body in 4 bits, with or without oneDNN for the rest
+        reason = unsupported(loaded.model)
+        if reason is not None:
+            raise BlockdraftError(f"dtype 'int4' needs a Llama-family model on the CPU: {reason}")
+        try:
+            swapped = share_projections(loaded.model, int4=True)
+        except ValueError as exc:
+            raise BlockdraftError(f"dtype 'int4': {exc}") from None
     if cpu_fast_path:  # before the Decoder is built: its target reads the swapped layers
-        swapped = share_projections(loaded.model) + use_onednn_linears(loaded.model)
+        swapped += share_projections(loaded.model) if loaded.weights is None else 0
+        swapped += use_onednn_linears(loaded.model)
         replaced = attend_with_grouped_kv(loaded.model)
     dec = Decoder(loaded, draft_heads, path)
     dec.swapped_linears, dec.replaced_attention = swapped, replaced

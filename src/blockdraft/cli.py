@@ -10,7 +10,7 @@ import typing
 from .errors import BlockdraftError
 from . import sampling as sampling_args
 from .config_args import add_config_arguments, config_from_arguments
-from .models import DEFAULT_MODEL, DTYPE_CHOICES
+from .models import DEFAULT_MODEL, DTYPE_CHOICES, QUANTIZED
 from .outdir import FolderLock, check_free
 
 
@@ -19,14 +19,22 @@ def _model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
     trains or writes data), --device and --offline."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF model id, local directory or alias (default: %(default)s)")
     auto = "auto: bfloat16 on a CPU with native bfloat16 (AVX-512 BF16/AMX), float32 elsewhere"
-    p.add_argument("--dtype", default=dtype, help=f"{', '.join(DTYPE_CHOICES)} (default: {dtype}; {auto})")
+    if dtype == "auto":  # a decoding command: 4-bit weights too
+        auto += "; int4: 4-bit decoder weights, bfloat16 products (CPU)"
+    choices = DTYPE_CHOICES if dtype == "auto" else tuple(c for c in DTYPE_CHOICES if c not in QUANTIZED)
+    p.add_argument("--dtype", default=dtype, help=f"{', '.join(choices)} (default: {dtype}; {auto})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--offline", action="store_true", default=None,
                    help="never contact the Hugging Face hub (also on when HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)")
 
 
 def _load(args):
+    """The model of a command that trains or writes data: full-precision weights only."""
     from .models import load_model
+
+    if args.dtype in QUANTIZED:
+        raise BlockdraftError(f"--dtype {args.dtype} is for decoding (generate, serve, bench, analyze, calibrate); "
+                              "this command needs float32 or bfloat16 weights")
     return load_model(args.model, args.dtype, args.device, args.offline)
 
 
@@ -58,7 +66,7 @@ def cmd_generate(args) -> None:
     stream = None if args.json else (lambda text: print(text, end="", flush=True))
     result = dec.generate(args.prompt, method=args.method, max_new_tokens=args.max_new_tokens, raw=args.raw,
                           stop=stops, system=args.system, on_text=stream, **dataclasses.asdict(sampling))
-    summary = {"text": result.text, "method": args.method, "resolved_method": dec.spec(args.method).name, "model": dec.loaded.label, "dtype": str(dec.loaded.model.dtype).removeprefix("torch."), "heads": dec.heads_path,
+    summary = {"text": result.text, "method": args.method, "resolved_method": dec.spec(args.method).name, "model": dec.loaded.label, "dtype": dec.loaded.dtype_name, "heads": dec.heads_path,
                "new_tokens": result.new_tokens, "steps": result.steps,
                "block_efficiency": round(result.block_efficiency, 4), "seconds": round(result.seconds, 4),
                "tokens_per_s": round(result.new_tokens / result.seconds, 2) if result.seconds else 0.0,

@@ -279,10 +279,12 @@ def restore_attention(model: nn.Module, previous: str | None) -> None:
 
 
 def restore_linears(model: nn.Module) -> None:
-    """Give the model plain nn.Linear layers back (undo use_onednn_linears and shared projections)."""
+    """Give the model plain nn.Linear layers back (undo use_onednn_linears and shared projections):
+    every stand-in that knows the nn.Linear it replaced (`to_linear`: OneDNNLinear, PackedRows,
+    blockdraft.int4's Int4Linear, whose weights come back as the bfloat16 values of its codes)."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, (OneDNNLinear, PackedRows)):
+            if not isinstance(child, nn.Linear) and callable(getattr(child, "to_linear", None)):
                 setattr(module, name, child.to_linear())
 
 

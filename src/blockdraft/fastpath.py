@@ -18,6 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_po
 
 from .cpu import EXACT_ROWS, OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
 from .exact_attention import padded_keys, path_layout, row_exact_attention
+from .int4 import Int4Linear, Int4Weight
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -36,23 +37,30 @@ def unsupported(model: nn.Module) -> str | None:
 
 
 class _Linear:
-    """x @ W^T with W packed for oneDNN (CPU float32; bfloat16 on native-bfloat16 CPUs) or kept dense."""
+    """x @ W^T with W packed for oneDNN (CPU float32; bfloat16 on native-bfloat16 CPUs), in 4 bits
+    (blockdraft.int4), or kept dense."""
 
-    def __init__(self, weight: torch.Tensor | None, packed: torch.Tensor | None = None):
-        self.packed = packed
-        if packed is None and can_pack(weight):
+    def __init__(self, weight: torch.Tensor | None, packed: torch.Tensor | None = None, int4: Int4Weight | None = None):
+        self.packed, self.int4 = packed, int4
+        if packed is None and int4 is None and can_pack(weight):
             self.packed = pack_weight(weight)
-        self.weight = None if self.packed is not None else weight
+        self.weight = None if self.packed is not None or int4 is not None else weight
 
     def __call__(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """x [1, N, in] @ W^T, at most `rows` rows per product (None: all at once)."""
         if rows is not None and x.shape[1] > rows:
             return torch.cat([self(part) for part in x.split(rows, 1)], 1)
+        if self.int4 is not None:
+            return self.int4(x)
         return packed_linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight)
 
 
 def _linear(module: nn.Module) -> _Linear:
-    return _Linear(None, module.packed) if isinstance(module, OneDNNLinear) else _Linear(module.weight)
+    if isinstance(module, OneDNNLinear):
+        return _Linear(None, module.packed)
+    if isinstance(module, Int4Linear) and module.whole:
+        return _Linear(None, int4=module.fused)
+    return _Linear(module.weight)
 
 
 def _fused(*modules: nn.Module) -> _Linear:
@@ -60,45 +68,63 @@ def _fused(*modules: nn.Module) -> _Linear:
     fused weight when these modules are its rows in order (share_projections), else a private
     fused copy."""
     first = modules[0]
-    if (all(isinstance(m, PackedRows) and m.fused is first.fused for m in modules) and first.start == 0
-            and all(a.stop == b.start for a, b in zip(modules, modules[1:])) and modules[-1].stop == first.fused.shape[0]):
-        return _Linear(None, first.fused)
+    for kind, rows in ((PackedRows, lambda fused: fused.shape[0]), (Int4Linear, lambda fused: fused.out_features)):
+        if (all(isinstance(m, kind) and m.fused is first.fused for m in modules) and first.start == 0
+                and all(a.stop == b.start for a, b in zip(modules, modules[1:])) and modules[-1].stop == rows(first.fused)):
+            return _Linear(None, first.fused) if kind is PackedRows else _Linear(None, int4=first.fused)
     return _Linear(torch.cat([m.weight for m in modules]))
 
 
-def share_projections(model: nn.Module) -> int:
+def share_projections(model: nn.Module, int4: bool = False) -> int:
     """Pack a CPU Llama model's decoder projections (float32; bfloat16 on native-bfloat16 CPUs) once, in place, as the fast path runs
     them (q|k|v and gate|up fused; o and down alone), dropping the dense weights: the fast path
     and the model's own forward then share one copy. Returns how many projections were replaced.
+    int4=True stores them in 4 bits instead (blockdraft.int4; a bfloat16 model).
 
     Why: dense, oneDNN-packed and fused copies side by side made SmolLM2-135M (0.54 GB) take
     1.9 GB. The dense weights' pages are released at once (cpu.release_pages), so only for a
     model nobody else holds (blockdraft.load's own); restore_linears undoes the swap.
     """
-    if unsupported(model) is not None or not can_pack(model.get_decoder().layers[0].self_attn.q_proj.weight):
+    if unsupported(model) is not None:
         return 0
+    weight = model.get_decoder().layers[0].self_attn.q_proj.weight
+    if int4 and weight.dtype != torch.bfloat16:
+        raise ValueError(f"4-bit weights take bfloat16 inputs; this model is {weight.dtype}")
+    if not int4 and not can_pack(weight):
+        return 0
+    store = _int4_rows if int4 else _packed_rows
     count = 0
     for layer in model.get_decoder().layers:
         att, mlp = layer.self_attn, layer.mlp
-        count += _share_rows(att, ("q_proj", "k_proj", "v_proj")) + _share_rows(mlp, ("gate_proj", "up_proj"))
-        dense = [att.o_proj.weight, mlp.down_proj.weight]
-        att.o_proj, mlp.down_proj = OneDNNLinear(att.o_proj, keep_dense=False), OneDNNLinear(mlp.down_proj, keep_dense=False)
-        for weight in dense:
-            release_pages(weight)
-        count += 2
+        for module, names in ((att, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj")),
+                              (att, ("o_proj",)), (mlp, ("down_proj",))):
+            parts = [getattr(module, name) for name in names]
+            weights = [part.weight.detach() for part in parts]
+            fused = weights[0] if len(weights) == 1 else torch.cat(weights)
+            for name, replacement in zip(names, store(fused, [part.out_features for part in parts], parts)):
+                setattr(module, name, replacement)
+            for part in parts:
+                release_pages(part.weight)
+            count += len(names)
     return count
 
 
-def _share_rows(module: nn.Module, names: tuple[str, ...]) -> int:
-    """Replace module's projections `names` (same input) by rows of one packed fused weight."""
-    parts = [getattr(module, name) for name in names]
-    fused = pack_weight(torch.cat([part.weight.detach() for part in parts]))
-    start = 0
-    for name, part in zip(names, parts):
-        setattr(module, name, PackedRows(fused, start, start + part.out_features))
-        start += part.out_features
-        release_pages(part.weight)
-    return len(names)
+def _packed_rows(fused: torch.Tensor, sizes: list[int], parts: list[nn.Module]) -> list[nn.Module]:
+    """Stand-ins for `parts` (nn.Linear, same input) as rows of one oneDNN-packed weight."""
+    if len(parts) == 1:
+        return [OneDNNLinear(parts[0], keep_dense=False)]
+    packed = pack_weight(fused)
+    return [PackedRows(packed, start, start + size) for start, size in zip(_starts(sizes), sizes)]
+
+
+def _int4_rows(fused: torch.Tensor, sizes: list[int], parts: list[nn.Module]) -> list[nn.Module]:
+    """Stand-ins for `parts` as rows of one 4-bit weight."""
+    weight = Int4Weight.quantize(fused)
+    return [Int4Linear(weight, start, start + size) for start, size in zip(_starts(sizes), sizes)]
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 class LlamaFastPath(nn.Module):

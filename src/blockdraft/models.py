@@ -54,6 +54,12 @@ class LoadedModel:
     name: str  # the spec the user gave (alias, hub id or path)
     fingerprint: str = ""  # model_fingerprint of the weights as loaded
     alias: str | None = None  # the known alias these weights are (its shipped heads and refiners apply)
+    weights: str | None = None  # a weight-only format blockdraft.load stores the body in ("int4"), else None
+
+    @property
+    def dtype_name(self) -> str:
+        """What the model computes in, for reports: "int4", or the torch dtype's name."""
+        return self.weights or str(self.model.dtype).removeprefix("torch.")
 
     @property
     def device(self) -> torch.device:
@@ -69,13 +75,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("BLOCKDRAFT_CACHE", Path.home() / ".cache" / "blockdraft"))
 
 
-DTYPE_CHOICES = ("auto", *_DTYPES)
+# weight-only formats (decoding only) and the dtype their products take and give
+QUANTIZED = {"int4": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *_DTYPES, *QUANTIZED)
 
 
 def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """A dtype by name; "auto" is bfloat16 on a CPU with native bfloat16 dot products (AVX-512
     BF16 or AMX: fewer bytes per step, and the fast path's exact bfloat16 attention) and
-    float32 elsewhere, GPUs included."""
+    float32 elsewhere, GPUs included. "int4" (4-bit body weights, blockdraft.int4) computes in
+    bfloat16 on the CPU."""
+    if name in QUANTIZED:
+        if device is not None and torch.device(device).type != "cpu":
+            raise BlockdraftError(f"dtype {name!r} runs on the CPU only; use --device cpu or another dtype")
+        return QUANTIZED[name]
     if name == "auto":
         from .cpu import fast_bfloat16
 
@@ -119,6 +132,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
                offline: bool | None = None) -> LoadedModel:
     """Load a causal LM and tokenizer by alias, local path or hub id; errors are one line.
 
+    dtype "int4" loads the model in bfloat16 and records the format (`weights`); blockdraft.load
+    then stores the decoder body in 4 bits.
+
     offline=None follows the user's HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE. A hub id already in
     the local HF cache loads from it without touching the network; one that is not is
     downloaded unless offline, after a quick check that the hub answers (one line if not).
@@ -149,7 +165,8 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
         tokenizer.pad_token = tokenizer.eos_token
     fingerprint = model_fingerprint(model)
     alias = spec if spec in ALIASES else alias_of(fingerprint)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=fingerprint, alias=alias)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=fingerprint, alias=alias,
+                       weights=dtype if dtype in QUANTIZED else None)
 
 
 def _locate(spec: str, offline: bool) -> tuple[str, bool]:

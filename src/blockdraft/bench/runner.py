@@ -402,7 +402,7 @@ def environment(decoder: Decoder, threads: int) -> dict:
     device = decoder.loaded.device
     return {
         "model": decoder.loaded.name, "model_label": decoder.loaded.label, "heads": decoder.heads_path,
-        "dtype": str(decoder.loaded.model.dtype),
+        "dtype": decoder.loaded.dtype_name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {p: _version(p) for p in ("torch", "transformers", "numpy", "blockdraft", "llama_cpp_python",
                                                "openvino-genai")},
@@ -440,7 +440,7 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
     runners, skipped = setup(decoder, names, sampling)
     identity = {"methods": list(runners), "max_new_tokens": max_new_tokens, "model": decoder.loaded.name,
                 "sampling": None if sampling.greedy else asdict(sampling),
-                "heads": decoder.heads_path, "dtype": str(decoder.loaded.model.dtype),
+                "heads": decoder.heads_path, "dtype": decoder.loaded.dtype_name,
                 "questions": [[q["question_id"], len(q["turns"])] for q in questions]}
     with FolderLock(out_dir):
         store = RecordStore(Path(out_dir), identity, resume)

@@ -1,0 +1,108 @@
+"""4-bit weight-only products on the CPU (`--dtype int4`): the decoder body's projections stored
+as 4-bit codes in groups of 32 inputs with a scale and an offset per group, inputs in bfloat16.
+
+Why: a decode step on this project's 2-core CPUs is bound by reading the weights (SmolLM2-135M's
+30 layers: 212 MB in bfloat16). torch's own 4-bit kernel (`_weight_int4pack_mm_for_cpu`) reads
+a quarter of the bytes: the 30 layers' products take 3.9 ms for one token instead of 15.2 (packed
+bfloat16), 7.0 for 4 and 13 for 8 tokens (it decodes the weights again for every 4 rows;
+bfloat16's cost hardly grows with the rows), and every row's result is the same whatever the
+row count (checked for 1-128 rows), which keeps drafted decoding exact. Measured with
+`benchmarks/weight_formats.py`. Groups of 32 with a minimum and a step are what the default
+model's Q4_1 GGUF stores, so its codes come back as they were; the group's scale and offset
+are rounded to bfloat16.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROUP = 32  # inputs per scale and offset (Q4_1's block)
+LEVELS = 15  # codes 0..15
+
+
+def available() -> bool:
+    """Whether this torch build has the CPU 4-bit kernels (torch >= 2.5)."""
+    return all(hasattr(torch.ops.aten, op) for op in ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"))
+
+
+def unsupported(weight: torch.Tensor) -> str | None:
+    """Why this weight [out, in] cannot be stored in 4 bits here (None when it can)."""
+    if not available():
+        return f"torch {torch.__version__} has no CPU 4-bit kernels"
+    if weight.device.type != "cpu":
+        return "4-bit weights run on the CPU only"
+    if weight.shape[1] % GROUP:
+        return f"its {weight.shape[1]} inputs are not a multiple of {GROUP}"
+    return None
+
+
+class Int4Weight:
+    """A weight [out, in] as 4-bit codes: w = code * step + minimum per group of GROUP inputs.
+
+    torch's kernel reads w = (code - 8) * scale + zero, so the scale is the step and the zero
+    the group's middle (minimum + 8 steps), both in the inputs' dtype (bfloat16).
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, in_features: int):
+        self.packed, self.scales_zeros = packed, scales_zeros
+        self.out_features, self.in_features = out_features, in_features
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int4Weight:
+        """Round each group of GROUP inputs to 16 levels between its minimum and maximum."""
+        reason = unsupported(weight)
+        if reason is not None:
+            raise ValueError(f"cannot store a {tuple(weight.shape)} weight in 4 bits: {reason}")
+        out_features, in_features = weight.shape
+        groups = weight.detach().float().reshape(out_features, in_features // GROUP, GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        step = (high - low) / LEVELS
+        divisor = torch.where(step > 0, step, torch.ones_like(step))
+        codes = ((groups - low[..., None]) / divisor[..., None]).round().clamp(0, LEVELS).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.reshape(out_features, in_features), 1)
+        scales_zeros = torch.stack([step.t(), (low + 8 * step).t()], -1).to(torch.bfloat16).contiguous()
+        return cls(packed, scales_zeros, out_features, in_features)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] (bfloat16) @ W^T -> [..., out]."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1]).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] as the kernel sees it, in bfloat16 (its product with the identity)."""
+        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
+        return self(eye).t().contiguous()
+
+
+class Int4Linear(nn.Module):
+    """Rows [start, stop) of a 4-bit weight as a stand-in for the nn.Linear they came from (all
+    rows by default). Rows of a fused weight (q|k|v, gate|up) share its one copy: the model's own
+    forward (transformers' generate) computes the fused product and keeps its rows; the fast
+    path runs the fused product once for all of them."""
+
+    def __init__(self, weight: Int4Weight, start: int = 0, stop: int | None = None):
+        super().__init__()
+        self.fused = weight
+        self.start, self.stop = start, weight.out_features if stop is None else stop
+        self.in_features, self.out_features = weight.in_features, self.stop - self.start
+        self.bias = None
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.fused.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The rows' weight as the kernel sees it (bfloat16), unpacked on each read."""
+        return self.fused.dequantize()[self.start: self.stop]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fused(x)
+        return y if self.whole else y[..., self.start: self.stop]
+
+    def to_linear(self) -> nn.Linear:
+        from .cpu import dense_linear
+
+        return dense_linear(self.weight.contiguous(), None)
