@@ -145,3 +145,26 @@ def test_release_gives_plain_layers_back(model_dir):
     dec.release()
     assert not any(isinstance(m, Int4Linear) for m in dec.loaded.model.modules())
     assert len(before) == 6
+
+
+def test_decoded_weights_are_the_kernels_own_values():
+    g = torch.Generator().manual_seed(4)
+    for shape in ((960, 576), (576, 1536), (128, 64)):
+        weight = Int4Weight.quantize(torch.randn(*shape, generator=g))
+        eye = torch.eye(shape[1], dtype=torch.bfloat16)
+        assert torch.equal(weight.dequantize(), weight(eye).t()), shape
+
+
+def test_a_long_prefill_takes_the_dense_product_and_drafted_rows_stay_exact():
+    """Prefill rows need not each be exact (every method shares them); drafted calls of 64-70
+    rows are split into products of at most 64 rows, each through the kernel."""
+    from blockdraft.fastpath import _Linear
+
+    g = torch.Generator().manual_seed(5)
+    weight = Int4Weight.quantize(torch.randn(96, 64, generator=g))
+    linear = _Linear(None, int4=weight)
+    x = torch.randn(1, 70, 64, generator=g).bfloat16()
+    assert torch.equal(linear(x), weight.dense(x))  # a prefill
+    alone = torch.cat([weight(x[:, i: i + 1]) for i in range(70)], 1)
+    assert torch.equal(linear(x, 64), alone)
+    assert torch.equal(linear(x[:, :64], 64), alone[:, :64])

@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_po
 
 from .cpu import EXACT_ROWS, OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
 from .exact_attention import padded_keys, path_layout, row_exact_attention
-from .int4 import Int4Linear, Int4Weight
+from .int4 import DENSE_ROWS, Int4Linear, Int4Weight
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -49,9 +49,9 @@ class _Linear:
     def __call__(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """x [1, N, in] @ W^T, at most `rows` rows per product (None: all at once)."""
         if rows is not None and x.shape[1] > rows:
-            return torch.cat([self(part) for part in x.split(rows, 1)], 1)
-        if self.int4 is not None:
-            return self.int4(x)
+            return torch.cat([self(part, rows) for part in x.split(rows, 1)], 1)
+        if self.int4 is not None:  # a prefill (rows None) of many rows: decoded weights, one dense product
+            return self.int4.dense(x) if rows is None and x.shape[1] >= DENSE_ROWS else self.int4(x)
         return packed_linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight)
 
 
