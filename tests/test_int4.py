@@ -168,3 +168,16 @@ def test_a_long_prefill_takes_the_dense_product_and_drafted_rows_stay_exact():
     alone = torch.cat([weight(x[:, i: i + 1]) for i in range(70)], 1)
     assert torch.equal(linear(x, 64), alone)
     assert torch.equal(linear(x[:, :64], 64), alone[:, :64])
+
+
+def test_auto_keeps_four_bit_codes_only_for_a_four_bit_gguf(model_dir):
+    """`--dtype auto` decodes a known 4-bit GGUF's weights in int4, any other model in bfloat16."""
+    import dataclasses
+
+    from blockdraft.models import LoadedModel, auto_weights
+
+    model = tiny_llama(0, torch.bfloat16)
+    loaded = LoadedModel(model, None, "smollm2-135m", alias="smollm2-135m")
+    assert auto_weights(loaded) == "int4"
+    assert auto_weights(dataclasses.replace(loaded, alias=None)) is None
+    assert auto_weights(LoadedModel(tiny_llama(0, torch.float32), None, "x", alias="smollm2-135m")) is None

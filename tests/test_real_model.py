@@ -34,21 +34,38 @@ def float32_decoder(decoder):
 
 
 @pytest.fixture(scope="module")
-def int4_decoder():
-    """4-bit decoder weights (bfloat16 products): the same promise against its own plain decoding."""
+def int4_decoder(decoder):
+    """4-bit decoder weights (bfloat16 products; the default on CPUs with native bfloat16): the
+    same promise against its own plain decoding."""
     import blockdraft
     from blockdraft import int4
 
     if not int4.available():
         pytest.skip("this torch has no CPU 4-bit kernels")
-    return blockdraft.load(dtype="int4")
+    return decoder if decoder.loaded.dtype_name == "int4" else blockdraft.load(dtype="int4")
+
+
+@pytest.fixture(scope="module")
+def bfloat16_decoder(decoder):
+    import blockdraft
+
+    return decoder if decoder.loaded.dtype_name == "bfloat16" else blockdraft.load(dtype="bfloat16")
+
+
+def test_auto_keeps_the_default_models_four_bit_codes_where_bfloat16_is_native(decoder):
+    from blockdraft.cpu import fast_bfloat16
+
+    assert decoder.loaded.dtype_name == ("int4" if fast_bfloat16() else "float32")
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
-@pytest.mark.parametrize("dtype", ["default", "float32", "int4"])
+@pytest.mark.parametrize("dtype", ["default", "float32", "bfloat16", "int4"])
 def test_bpd_and_refined_methods_match_plain_decoding(request, decoder, prompt, dtype):
     if dtype != "default":
-        decoder = request.getfixturevalue(f"{dtype}_decoder")
+        other = request.getfixturevalue(f"{dtype}_decoder")
+        if other is decoder:
+            pytest.skip(f"the default decoder is {dtype} here")
+        decoder = other
     ref = decoder.generate(prompt, method="ar", max_new_tokens=40)
     assert ref.steps == ref.new_tokens  # one token per step
     for method in ("bpd", "bpd-full", "fast", "lookup", "bpd-0gram-p4", "bpd-ngram", "bpd-neural", "eagle", "eagle-ctx"):

