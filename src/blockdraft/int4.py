@@ -3,11 +3,11 @@ as 4-bit codes in groups of 32 inputs with a scale and an offset per group, inpu
 
 Why: a decode step on this project's 2-core CPUs is bound by reading the weights (SmolLM2-135M's
 30 layers: 212 MB in bfloat16). torch's own 4-bit kernel (`_weight_int4pack_mm_for_cpu`) reads
-a quarter of the bytes: the 30 layers' products take 3.9 ms for one token instead of 15.2 (packed
-bfloat16), 7.0 for 4 and 13 for 8 tokens (it decodes the weights again for every 4 rows;
-bfloat16's cost hardly grows with the rows), and every row's result is the same whatever the
-row count (checked for 1-128 rows), which keeps drafted decoding exact. Measured with
-`benchmarks/weight_formats.py`. Groups of 32 with a minimum and a step are what the default
+a quarter of the bytes: the 30 layers' products take 6.9 ms for one token instead of 17.2
+(packed bfloat16), 9.0 for 4, 15.0 for 8 and 27.0 for 16 (it decodes the weights again for
+every 4 rows; bfloat16's cost hardly grows with the rows: 17.6 for 16), and every row's result
+is the same whatever the row count (checked for 1-128 rows), which keeps drafted decoding
+exact. Measured with `benchmarks/weight_formats.py` (docs/results/weight-formats/). Groups of 32 with a minimum and a step are what the default
 model's Q4_1 GGUF stores, so its codes come back as they were; the group's scale and offset
 are rounded to bfloat16.
 """
