@@ -84,7 +84,7 @@ def main() -> None:
         product = layers[0]["gate_up"][fmt]
         alone = torch.cat([product(x[i: i + 1]) for i in range(128)])
         differs = [rows for rows in range(2, 129) if not torch.equal(product(x[:rows]), alone[:rows])]
-        exact[fmt] = f"every row count 1-128" if not differs else f"differs from {differs[0]} rows"
+        exact[fmt] = "every row count 1-128" if not differs else f"differs from {differs[0]} rows"
     results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": f"{cpu_model()} ({os.cpu_count()} CPUs)", "threads": args.threads, "torch": torch.__version__,
