@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_po
 
 from .cpu import EXACT_ROWS, OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
 from .exact_attention import padded_keys, path_layout, row_exact_attention
-from .int4 import DENSE_ROWS, Int4Linear, Int4Weight
+from .int4 import Int4Linear, Int4Weight
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -50,8 +50,8 @@ class _Linear:
         """x [1, N, in] @ W^T, at most `rows` rows per product (None: all at once)."""
         if rows is not None and x.shape[1] > rows:
             return torch.cat([self(part, rows) for part in x.split(rows, 1)], 1)
-        if self.int4 is not None:  # a prefill (rows None) of many rows: decoded weights, one dense product
-            return self.int4.dense(x) if rows is None and x.shape[1] >= DENSE_ROWS else self.int4(x)
+        if self.int4 is not None:  # a prefill (rows None) need not give each row its one-row result
+            return self.int4.prefill(x) if rows is None else self.int4(x)
         return packed_linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight)
 
 
@@ -68,10 +68,9 @@ def _fused(*modules: nn.Module) -> _Linear:
     fused weight when these modules are its rows in order (share_projections), else a private
     fused copy."""
     first = modules[0]
-    for kind, rows in ((PackedRows, lambda fused: fused.shape[0]), (Int4Linear, lambda fused: fused.out_features)):
-        if (all(isinstance(m, kind) and m.fused is first.fused for m in modules) and first.start == 0
-                and all(a.stop == b.start for a, b in zip(modules, modules[1:])) and modules[-1].stop == rows(first.fused)):
-            return _Linear(None, first.fused) if kind is PackedRows else _Linear(None, int4=first.fused)
+    if (all(isinstance(m, (PackedRows, Int4Linear)) and m.fused is first.fused for m in modules) and first.start == 0
+            and all(a.stop == b.start for a, b in zip(modules, modules[1:])) and modules[-1].stop == first.fused.shape[0]):
+        return _Linear(None, int4=first.fused) if isinstance(first, Int4Linear) else _Linear(None, first.fused)
     return _Linear(torch.cat([m.weight for m in modules]))
 
 

@@ -79,10 +79,19 @@ class Int4Weight:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
         return y.reshape(*shape[:-1], self.out_features)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W^T through the weights decoded to bfloat16: faster from DENSE_ROWS rows on, and a
         row's result then depends on the row count (fine for a prefill, not for drafted rows)."""
         return F.linear(x, self.dequantize())
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T for rows that need not each be exact (a prompt's prefill, transformers' own
+        forward): the dense product from DENSE_ROWS rows on, the kernel below."""
+        return self.dense(x) if x.numel() >= DENSE_ROWS * self.in_features else self(x)
 
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] as the kernel sees it, rounded to bfloat16: decoded from torch's
@@ -144,8 +153,8 @@ class Int4Linear(nn.Module):
         return self.fused.dequantize()[self.start: self.stop]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """transformers' forward: rows need not each be exact here, so long inputs take the dense product."""
-        y = self.fused.dense(x) if x.numel() >= DENSE_ROWS * self.in_features else self.fused(x)
+        """transformers' forward: rows need not each be exact here."""
+        y = self.fused.prefill(x)
         return y if self.whole else y[..., self.start: self.stop]
 
     def to_linear(self) -> nn.Linear:
