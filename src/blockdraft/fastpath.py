@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaModel, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaModel, rotate_half
 
 from .cpu import EXACT_ROWS, OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
 from .exact_attention import padded_keys, path_layout, row_exact_attention
@@ -218,13 +218,17 @@ class LlamaFastPath(nn.Module):
         layout = path_layout(allowed, end) if exact and allowed is not None else None
         # a drafted call's rows must each come out as if fed alone (a prefill's need not)
         rows = EXACT_ROWS if exact and past > 0 else None
-        split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        cos, sin = cos[:, None], sin[:, None]
+        qk_width = (self.heads + self.kv_heads) * self.head_dim
         kept = {}
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
-            q, k, v = qkv(norm1(x), rows).split(split, -1)
-            q, k = apply_rotary_pos_emb(self._heads(q, n), self._heads(k, n), cos, sin)
+            q_k_v = qkv(norm1(x), rows)
+            # transformers' apply_rotary_pos_emb, once over q's and k's heads together
+            qk = self._heads(q_k_v[..., :qk_width], n)
+            qk = (qk * cos) + (rotate_half(qk) * sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads:]
             self.keys[i, :, past:end] = k[0]
-            self.values[i, :, past:end] = self._heads(v, n)[0]
+            self.values[i, :, past:end] = self._heads(q_k_v[..., qk_width:], n)[0]
             if exact:  # the cache past `end` (finite, masked out) pads the reductions
                 span = min(padded_keys(end), self.keys.shape[2])
                 att = row_exact_attention(q, self.keys[i, None, :, :span], self.values[i, None, :, :span], allowed,
