@@ -45,8 +45,54 @@ def unsupported(weight: torch.Tensor) -> str | None:
     return None
 
 
-class Int4Weight:
-    """A weight [out, in] as 4-bit codes: w = code * step + minimum per group of GROUP inputs.
+def group_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group of GROUP inputs rounded to 16 levels between its minimum and maximum: codes
+    [out, in] (int32, 0..15), step and minimum [out, in / GROUP] (float32); w ~ code * step + minimum."""
+    if weight.shape[1] % GROUP:
+        raise ValueError(f"cannot store a {tuple(weight.shape)} weight in 4 bits: its {weight.shape[1]} inputs "
+                         f"are not a multiple of {GROUP}")
+    out_features, in_features = weight.shape
+    groups = weight.detach().float().reshape(out_features, in_features // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)
+    step = (high - low) / LEVELS
+    divisor = torch.where(step > 0, step, torch.ones_like(step))
+    codes = ((groups - low[..., None]) / divisor[..., None]).round().clamp(0, LEVELS).to(torch.int32)
+    return codes.reshape(out_features, in_features), step, low
+
+
+class FourBitWeight:
+    """A weight [out, in] in 4-bit codes, multiplied by a row-exact kernel (`__call__`: each row's
+    result is what the row gets alone) or, for rows that need not be exact, densely. Int4Weight
+    (torch's kernel) is the one the package uses; benchmarks/int4_tiles measures another."""
+
+    out_features: int
+    in_features: int
+    dense_rows = DENSE_ROWS  # from this many rows on, `prefill` takes the dense product
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] in bfloat16 as the dense product uses it."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T through the weights decoded to bfloat16: faster for many rows, and a row's
+        result then depends on the row count (fine for a prefill, not for drafted rows)."""
+        return F.linear(x, self.dequantize())
+
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T for rows that need not each be exact (a prompt's prefill, transformers' own
+        forward): the dense product from `dense_rows` rows on, the kernel below."""
+        return self.dense(x) if x.numel() >= self.dense_rows * self.in_features else self(x)
+
+
+class Int4Weight(FourBitWeight):
+    """A weight for torch's 4-bit kernel: w = code * step + minimum per group of GROUP inputs.
 
     torch's kernel reads w = (code - 8) * scale + zero, so the scale is the step and the zero
     the group's middle (minimum + 8 steps), both in the inputs' dtype (bfloat16).
@@ -62,13 +108,9 @@ class Int4Weight:
         reason = unsupported(weight)
         if reason is not None:
             raise ValueError(f"cannot store a {tuple(weight.shape)} weight in 4 bits: {reason}")
+        codes, step, low = group_levels(weight)
         out_features, in_features = weight.shape
-        groups = weight.detach().float().reshape(out_features, in_features // GROUP, GROUP)
-        low, high = groups.amin(-1), groups.amax(-1)
-        step = (high - low) / LEVELS
-        divisor = torch.where(step > 0, step, torch.ones_like(step))
-        codes = ((groups - low[..., None]) / divisor[..., None]).round().clamp(0, LEVELS).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.reshape(out_features, in_features), 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         scales_zeros = torch.stack([step.t(), (low + 8 * step).t()], -1).to(torch.bfloat16).contiguous()
         return cls(packed, scales_zeros, out_features, in_features)
 
@@ -78,20 +120,6 @@ class Int4Weight:
         flat = x.reshape(-1, shape[-1]).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
         return y.reshape(*shape[:-1], self.out_features)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.out_features, self.in_features
-
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T through the weights decoded to bfloat16: faster from DENSE_ROWS rows on, and a
-        row's result then depends on the row count (fine for a prefill, not for drafted rows)."""
-        return F.linear(x, self.dequantize())
-
-    def prefill(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T for rows that need not each be exact (a prompt's prefill, transformers' own
-        forward): the dense product from DENSE_ROWS rows on, the kernel below."""
-        return self.dense(x) if x.numel() >= DENSE_ROWS * self.in_features else self(x)
 
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] as the kernel sees it, rounded to bfloat16: decoded from torch's
@@ -136,7 +164,7 @@ class Int4Linear(nn.Module):
     forward (transformers' generate) computes the fused product and keeps its rows; the fast
     path runs the fused product once for all of them."""
 
-    def __init__(self, weight: Int4Weight, start: int = 0, stop: int | None = None):
+    def __init__(self, weight: FourBitWeight, start: int = 0, stop: int | None = None):
         super().__init__()
         self.fused = weight
         self.start, self.stop = start, weight.out_features if stop is None else stop
