@@ -8,7 +8,7 @@ import torch
 from blockdraft import int4
 from blockdraft.drafting import HeadsDrafter, NoDrafter
 from blockdraft.engine import DecodeConfig, generate
-from blockdraft.fastpath import share_projections
+from blockdraft.fastpath import projection_kind, share_projections
 from blockdraft.int4 import GROUP, Int4Linear, Int4Weight
 from blockdraft.lookup import ContextLookup
 from blockdraft.refine.base import ArgmaxRefiner
@@ -181,3 +181,9 @@ def test_auto_keeps_four_bit_codes_only_for_a_four_bit_gguf(model_dir):
     assert auto_weights(loaded) == "int4"
     assert auto_weights(dataclasses.replace(loaded, alias=None)) is None
     assert auto_weights(LoadedModel(tiny_llama(0, torch.float32), None, "x", alias="smollm2-135m")) is None
+
+
+def test_the_cost_curve_key_names_the_projection_kernel():
+    """A cost curve measured with one kernel must not size the trees of another."""
+    assert projection_kind(_int4_llama(0)) == "Int4Weight"
+    assert projection_kind(tiny_llama(0, torch.bfloat16)) == "Linear"

@@ -74,6 +74,16 @@ def _fused(*modules: nn.Module) -> _Linear:
     return _Linear(torch.cat([m.weight for m in modules]))
 
 
+def projection_kind(model: nn.Module) -> str:
+    """What multiplies the decoder body's projections (its first q_proj's stand-in or module
+    type): step costs, and so cost curves, differ per kind."""
+    try:
+        q_proj = model.get_decoder().layers[0].self_attn.q_proj
+    except (AttributeError, IndexError, TypeError):
+        return "unknown"
+    return type(q_proj.fused).__name__ if isinstance(q_proj, Int4Linear) else type(q_proj).__name__
+
+
 def share_projections(model: nn.Module, int4: bool = False) -> int:
     """Pack a CPU Llama model's decoder projections (float32; bfloat16 on native-bfloat16 CPUs) once, in place, as the fast path runs
     them (q|k|v and gate|up fused; o and down alone), dropping the dense weights: the fast path
