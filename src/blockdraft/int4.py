@@ -40,17 +40,20 @@ def unsupported(weight: torch.Tensor) -> str | None:
         return f"torch {torch.__version__} has no CPU 4-bit kernels"
     if weight.device.type != "cpu":
         return "4-bit weights run on the CPU only"
-    if weight.shape[1] % GROUP:
-        return f"its {weight.shape[1]} inputs are not a multiple of {GROUP}"
-    return None
+    return _ungrouped(weight)
+
+
+def _ungrouped(weight: torch.Tensor) -> str | None:
+    """Why this weight's inputs do not split into groups of GROUP (None when they do)."""
+    return f"its {weight.shape[1]} inputs are not a multiple of {GROUP}" if weight.shape[1] % GROUP else None
 
 
 def group_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each group of GROUP inputs rounded to 16 levels between its minimum and maximum: codes
     [out, in] (int32, 0..15), step and minimum [out, in / GROUP] (float32); w ~ code * step + minimum."""
-    if weight.shape[1] % GROUP:
-        raise ValueError(f"cannot store a {tuple(weight.shape)} weight in 4 bits: its {weight.shape[1]} inputs "
-                         f"are not a multiple of {GROUP}")
+    reason = _ungrouped(weight)
+    if reason is not None:
+        raise ValueError(f"cannot store a {tuple(weight.shape)} weight in 4 bits: {reason}")
     out_features, in_features = weight.shape
     groups = weight.detach().float().reshape(out_features, in_features // GROUP, GROUP)
     low, high = groups.amin(-1), groups.amax(-1)
