@@ -5,12 +5,30 @@ import torch
 from blockdraft.cpu import OneDNNLinear, use_onednn_linears
 from blockdraft.drafting import HeadsDrafter
 from blockdraft.engine import DecodeConfig, generate
-from blockdraft.exact_attention import padded_keys
+from blockdraft.exact_attention import cache_dtype, padded_keys
 from blockdraft.fastpath import LlamaFastPath, unsupported
 from blockdraft.refine.base import ArgmaxRefiner
 from blockdraft.target import TREE_SLACK, TargetModel
 from blockdraft.testing import random_heads, reference_greedy, tiny_llama
 from blockdraft.tree import TokenTree, build_tree
+
+
+# tiny bfloat16 models whose fast path keeps its cache in bfloat16 (64-wide heads, 2 per key head)
+# and in float32 (SmolLM2's 64-wide heads, 3 per key head) where this CPU's float32 products allow
+CACHES = {"bfloat16": (dict(hidden=128, heads=(2, 1)), (64, 2)), "float32": (dict(hidden=192, heads=(3, 1)), (64, 3))}
+
+
+def _cached_in(cache: str) -> dict:
+    """The tiny model's shape for a cache dtype; skips it where this CPU picks the other dtype."""
+    shape, heads = CACHES[cache]
+    if cache_dtype(*heads) != getattr(torch, cache):
+        pytest.skip(f"this CPU keeps {cache_dtype(*heads)} caches for {heads} heads")
+    return shape
+
+
+def _cache_dtypes() -> list[torch.dtype]:
+    """The cache dtypes exact attention runs in on this CPU (float32 where row-exact)."""
+    return sorted({torch.bfloat16, cache_dtype(64, 3)}, key=str)
 
 
 def _steps(target: TargetModel, prompt: list[int]) -> list[torch.Tensor]:
@@ -91,13 +109,15 @@ def test_other_architectures_take_the_transformers_path():
     assert unsupported(tiny_llama(0)) is None and isinstance(TargetModel(tiny_llama(0)).runner, LlamaFastPath)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_a_tokens_logits_do_not_depend_on_the_tree_size(dtype):
+@pytest.mark.parametrize("dtype,cache", [(torch.float32, "bfloat16"), (torch.bfloat16, "bfloat16"),
+                                         (torch.bfloat16, "float32"), (torch.float64, "bfloat16")])
+def test_a_tokens_logits_do_not_depend_on_the_tree_size(dtype, cache):
     """The property that keeps drafted decoding equal to plain decoding at every dtype: the
     pending token's logits are the same whether it is fed alone or with 1-30 draft nodes
-    (bit for bit in bfloat16, whose attention is row-exact; float32's and float64's fused
-    attention differs in the last bits, far below a bfloat16 logit's resolution)."""
-    model = tiny_llama(5, dtype, hidden=64)
+    (bit for bit in bfloat16, whose attention is row-exact with either cache dtype; float32's
+    and float64's fused attention differs in the last bits, far below a bfloat16 logit's
+    resolution)."""
+    model = tiny_llama(5, dtype, **_cached_in(cache))
     target = TargetModel(model)
     prompt = [(7 * i + 3) % 64 for i in range(40)]
     target.prefill(prompt[:-1])
@@ -113,13 +133,16 @@ def test_a_tokens_logits_do_not_depend_on_the_tree_size(dtype):
             torch.testing.assert_close(got, alone, rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-10)
 
 
+@pytest.mark.parametrize("cache", CACHES)
 @pytest.mark.parametrize("seed", range(6))
-def test_bfloat16_drafted_decoding_equals_plain_decoding_through_the_engine(seed):
-    model = tiny_llama(seed, torch.bfloat16, hidden=64)
+def test_bfloat16_drafted_decoding_equals_plain_decoding_through_the_engine(seed, cache):
+    model = tiny_llama(seed, torch.bfloat16, **_cached_in(cache))
     prompt = [(seed * 5 + 3 * i) % 64 for i in range(12)]
     from blockdraft.drafting import NoDrafter
 
-    ref = generate(TargetModel(model), NoDrafter(), ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=40))
+    plain = TargetModel(model)
+    ref = generate(plain, NoDrafter(), ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=40))
+    assert plain.runner.keys.dtype == getattr(torch, cache)
     got = generate(TargetModel(model), HeadsDrafter(random_heads(model, 4, seed).bfloat16(), model.get_output_embeddings(),
                    topk=1), ArgmaxRefiner(), prompt, DecodeConfig(max_new_tokens=40))
     assert got.ids == ref.ids
@@ -131,7 +154,8 @@ def test_bfloat16_drafted_decoding_equals_plain_decoding_through_the_engine(seed
     assert wide.ids == ref.ids and max(s.tree_nodes for s in wide.stats) > 20  # trees, not chains
 
 
-def test_bfloat16_attention_rows_equal_one_query_alone():
+@pytest.mark.parametrize("cache", _cache_dtypes(), ids=str)
+def test_bfloat16_attention_rows_equal_one_query_alone(cache):
     """Each tree row's bfloat16 attention equals that query decoded alone, bit for bit, over
     many cache lengths and tree sizes (with reductions over the exact key count, 7 of these
     rows differed in the last bit: the sum's tail depended on the padding)."""
@@ -142,7 +166,7 @@ def test_bfloat16_attention_rows_equal_one_query_alone():
         g = torch.Generator().manual_seed(seed)
         past, n = int(torch.randint(5, 90, (1,), generator=g)), int(torch.randint(2, 24, (1,), generator=g))
         q = torch.randn(1, 9, n, 64, generator=g).bfloat16()
-        k, v = (torch.randn(1, 3, past + n, 64, generator=g).bfloat16() for _ in range(2))
+        k, v = (torch.randn(1, 3, past + n, 64, generator=g).bfloat16().to(cache) for _ in range(2))
         tree = row_exact_attention(q, k, v, torch.ones(n, past + n, dtype=torch.bool).tril(past), 0.125)
         for i in range(n):
             alone = row_exact_attention(q[:, :, i:i + 1], k[:, :, :past + i + 1], v[:, :, :past + i + 1], None, 0.125)
@@ -158,7 +182,8 @@ def _random_tree(g: torch.Generator, n: int) -> TokenTree:
     return TokenTree([0] * n, parents, depths)
 
 
-def test_bfloat16_attention_over_branching_trees_equals_each_row_alone():
+@pytest.mark.parametrize("cache", _cache_dtypes(), ids=str)
+def test_bfloat16_attention_over_branching_trees_equals_each_row_alone(cache):
     """Rows of random token trees (a product per root-to-leaf path, the path's nodes written
     right after the cache) equal each node decoded alone after its ancestors, bit for bit; the
     cache view they were handed is left as it was."""
@@ -173,7 +198,7 @@ def test_bfloat16_attention_over_branching_trees_equals_each_row_alone():
         allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), ancestors], 1)
         q = torch.randn(1, 9, n, 64, generator=g).bfloat16()
         size = padded_keys(past + n)  # a cache view: whole key blocks, zeros past the real keys
-        k, v = (torch.randn(1, 3, size, 64, generator=g).bfloat16() for _ in range(2))
+        k, v = (torch.randn(1, 3, size, 64, generator=g).bfloat16().to(cache) for _ in range(2))
         k[:, :, past + n:], v[:, :, past + n:] = 0, 0
         before = v.clone()
         layout = path_layout(allowed, past + n)
@@ -188,7 +213,8 @@ def test_bfloat16_attention_over_branching_trees_equals_each_row_alone():
     assert differing == 0 and paths > 60 * 3  # branching trees, not chains
 
 
-def test_bfloat16_attention_with_other_visibility_copies_each_rows_keys():
+@pytest.mark.parametrize("cache", _cache_dtypes(), ids=str)
+def test_bfloat16_attention_with_other_visibility_copies_each_rows_keys(cache):
     """A mask that is no token tree (a row skipping part of the cache) has no path layout; its
     rows are still computed exactly, from copies of their keys."""
     from blockdraft.exact_attention import path_layout, row_exact_attention
@@ -199,7 +225,7 @@ def test_bfloat16_attention_with_other_visibility_copies_each_rows_keys():
     allowed[2, 10:20] = False
     assert path_layout(allowed, past + n) is None
     q = torch.randn(1, 9, n, 64, generator=g).bfloat16()
-    k, v = (torch.randn(1, 3, past + n, 64, generator=g).bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, 3, past + n, 64, generator=g).bfloat16().to(cache) for _ in range(2))
     got = row_exact_attention(q, k, v, allowed, 0.125)
     keep = allowed[2].nonzero().flatten()
     alone = row_exact_attention(q[:, :, 2:3], k[:, :, keep], v[:, :, keep], None, 0.125)
@@ -219,7 +245,8 @@ def test_bfloat16_products_over_many_rows_equal_each_row_alone():
     assert torch.equal(_Linear(weight)(x, EXACT_ROWS), alone)
 
 
-def test_bfloat16_tree_attention_over_a_long_cache_equals_each_row_alone():
+@pytest.mark.parametrize("cache", _cache_dtypes(), ids=str)
+def test_bfloat16_tree_attention_over_a_long_cache_equals_each_row_alone(cache):
     """Long caches and long paths: each product takes at most rows_per_product rows (more rows
     change oneDNN's kernel at some widths and a row's result with it)."""
     from blockdraft.exact_attention import row_exact_attention
@@ -231,7 +258,7 @@ def test_bfloat16_tree_attention_over_a_long_cache_equals_each_row_alone():
     ancestors = tree.ancestor_mask()
     allowed = torch.cat([torch.ones(n, past, dtype=torch.bool), ancestors], 1)
     q = torch.randn(1, 9, n, 64, generator=g).bfloat16()
-    k, v = (torch.randn(1, 3, padded_keys(past + n), 64, generator=g).bfloat16() for _ in range(2))
+    k, v = (torch.randn(1, 3, padded_keys(past + n), 64, generator=g).bfloat16().to(cache) for _ in range(2))
     got = row_exact_attention(q, k, v, allowed, 0.125, valid=past + n)
     for i in range(n):
         chain = past + ancestors[i].nonzero().flatten()

@@ -103,7 +103,7 @@ class Decoder:
 
     def cost_curve(self, remeasure: bool = False):
         """The target's forward time per input size on this machine (for sized drafts); measured
-        once per model, device, dtype, thread count, CPU, decoder body and projection kernel, then read from the cache
+        once per model, device, dtype, thread count, CPU, decoder body, projection kernel and KV cache dtype, then read from the cache
         folder; remeasure=True measures it again (and caches it unless the machine looked busy)."""
         from .cpu import cpu_model, linear_path
         from .exact_attention import LAYOUT
@@ -116,7 +116,8 @@ class Decoder:
             key = {"model": self.loaded.alias or self.loaded.name, "fingerprint": self.loaded.fingerprint, "device": str(weight.device),
                    "dtype": self.loaded.dtype_name, "threads": torch.get_num_threads(), "cpu": cpu_model(),
                    "lm_head": type(self.target.lm_head).__name__, "torch": torch.__version__, "linear": linear_path(weight.dtype),
-                   "body": self.target.path, "projections": projection_kind(self.loaded.model), "exact_attention": LAYOUT}
+                   "body": self.target.path, "projections": projection_kind(self.loaded.model), "exact_attention": LAYOUT,
+                   "kv_cache": str(self.target.cache_dtype)}
             self._cost = cached_cost_curve(self.target, key, cache_root() / "cost-curves", remeasure)
         return self._cost
 

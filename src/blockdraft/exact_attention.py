@@ -15,24 +15,67 @@ depth order, then padding). A tree's rows fall into root-to-leaf paths; the rows
 share that layout, so each path needs a product over the cache with its nodes written right
 after it (a few rows of copying), not a copy of the whole cache per row; a product takes at
 most `rows_per_product` rows, the count up to which a row's result stays its own.
+
+The cache's dtype picks the products' arithmetic: bfloat16 products (scores rounded to bfloat16)
+or float32 ones over the same bfloat16 values widened, 2.4x faster here for one token over 200
+keys and 2x over 4,000 (oneDNN's small bfloat16 products cost ~28 us each whatever their size).
+float32 products keep a row's result only where the CPU's kernels do (here, on 2 threads: from
+one token's rows, the query heads of a key head, up to 16 tokens' rows, over the same key count,
+for SmolLM2's 64-wide heads in groups of 3; not in groups of 1 or 2, and not on 4 threads), so
+`cache_dtype` probes that once per head shape and thread count.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 KEY_BLOCK = 64  # bfloat16 attention reduces over key counts rounded up to this
-LAYOUT = "per-path"  # how tree rows get their layout (cost curves measured under another are stale)
+LAYOUT = "per-path, own key count"  # how tree rows get their layout (cost curves measured under another are stale)
 
 
-def rows_per_product(group: int) -> int:
-    """How many query rows (of `group` heads each) one probabilities-times-values product may
-    take and still give each row what a product of its own gives: measured here over widths up
-    to 8,192 keys, oneDNN's bfloat16 products keep a row's result up to 16 product rows (past
-    that, kernels change at some widths), except single-head rows (group 1), which only match
-    alone at some widths."""
+FLOAT32_TOKENS = 16  # tokens' rows per float32 product, at most (what cache_dtype probes)
+
+
+def rows_per_product(group: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """How many query rows (of `group` heads each) one product may take and still give each row
+    what a product of its own gives. bfloat16: measured here over widths up to 8,192 keys,
+    oneDNN's products keep a row's result up to 16 product rows (past that, kernels change at
+    some widths), except single-head rows (group 1), which only match alone at some widths.
+    float32: FLOAT32_TOKENS, where cache_dtype found them exact."""
+    if dtype == torch.float32:
+        return FLOAT32_TOKENS
     return 16 // group if group > 1 else 1
+
+
+def cache_dtype(head_dim: int, group: int) -> torch.dtype:
+    """The dtype to keep a bfloat16 model's keys and values in: float32 (faster products) where
+    float32 products keep each row's result on this CPU for heads of `head_dim` with `group`
+    query heads per key head, else bfloat16."""
+    return torch.float32 if _float32_rows_exact(head_dim, group, torch.get_num_threads()) else torch.bfloat16
+
+
+@functools.cache
+def _float32_rows_exact(head_dim: int, group: int, threads: int) -> bool:
+    """Whether float32 products of 1..FLOAT32_TOKENS tokens' rows give the first and last token's
+    rows what a product of that token's rows alone gives (scores also over fewer keys; probed
+    once per shape and thread count, which changes how the kernels split the work; ~0.2 s)."""
+    g = torch.Generator().manual_seed(0)
+    for width in (KEY_BLOCK, 3 * KEY_BLOCK, 16 * KEY_BLOCK, 17 * KEY_BLOCK, 64 * KEY_BLOCK, 128 * KEY_BLOCK):
+        keys, values = (torch.randn(1, 1, width + KEY_BLOCK, head_dim, generator=g).bfloat16().float() for _ in range(2))
+        for tokens in range(1, FLOAT32_TOKENS + 1):
+            rows = torch.randn(1, 1, tokens * group, head_dim, generator=g).bfloat16().float()
+            probs = torch.randn(1, 1, tokens * group, width, generator=g).softmax(-1)
+            scores = rows @ keys[:, :, : width - tokens].transpose(-1, -2)
+            mixed = probs @ values[:, :, :width]
+            for token in {0, tokens - 1}:
+                own = slice(token * group, (token + 1) * group)
+                alone = rows[:, :, own] @ keys.transpose(-1, -2)
+                if not (torch.equal(alone[..., : width - tokens], scores[:, :, own])
+                        and torch.equal(probs[:, :, own] @ values[:, :, :width], mixed[:, :, own])):
+                    return False
+    return True
 
 
 def padded_keys(count: int) -> int:
@@ -47,7 +90,8 @@ class PathLayout:
     Rows are reordered by `order` so that each path's rows are one slice; `paths` holds each
     slice's bounds, its path's tree nodes in depth order, and whether those nodes already sit in
     cache order (a chain); `columns` [N, width] names the key each reordered row reads at each
-    place of its plain-decoding layout, `visible` [N, width] is False on the padding."""
+    place of its plain-decoding layout, `visible` [N, width] is False on the padding;
+    `reach` holds each reordered row's own padded key count (what plain decoding reduces over)."""
 
     order: torch.Tensor
     restore: torch.Tensor  # inverse of order
@@ -55,6 +99,7 @@ class PathLayout:
     columns: torch.Tensor
     visible: torch.Tensor
     width: int
+    reach: tuple[int, ...]
 
 
 def path_layout(allowed: torch.Tensor, valid: int) -> PathLayout | None:
@@ -92,7 +137,8 @@ def path_layout(allowed: torch.Tensor, valid: int) -> PathLayout | None:
     visible = place[None, :] < (past + depth)[:, None]
     restore = torch.empty_like(order)
     restore[order] = torch.arange(n)
-    return PathLayout(order, restore, tuple(paths), columns.masked_fill(~visible, 0)[order], visible[order], width)
+    reach = tuple(padded_keys(past + count) for count in depth[order].tolist())
+    return PathLayout(order, restore, tuple(paths), columns.masked_fill(~visible, 0)[order], visible[order], width, reach)
 
 
 def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
@@ -107,12 +153,13 @@ def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     through, `values` past the cache holds each path's nodes in turn; it is restored on return.
     """
     valid = keys.shape[2] if valid is None else valid
+    rows = q.to(keys.dtype)
     if allowed is None:
-        return _causal(q, keys, values, scale, valid)
+        return _causal(rows, keys, values, scale, valid).to(q.dtype)
     layout = layout or path_layout(allowed, valid)
     if layout is None:
-        return _gathered(q, keys, values, allowed, scale, valid)
-    return _by_path(q, keys, values, layout, scale, valid)
+        return _gathered(rows, keys, values, allowed, scale, valid).to(q.dtype)
+    return _by_path(rows, keys, values, layout, scale, valid).to(q.dtype)
 
 
 def _causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, valid: int) -> torch.Tensor:
@@ -131,30 +178,49 @@ def _causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
 def _by_path(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: PathLayout, scale: float,
              valid: int) -> torch.Tensor:
     """A token tree: scores in one product, each row's laid out as plain decoding's, then one
-    probabilities-times-values product per path with that path's nodes right after the cache."""
+    probabilities-times-values product per path with that path's nodes right after the cache,
+    each row reducing over the key count plain decoding gives it (float32 products' sums change
+    with zero-probability keys appended)."""
     b, h, n, d = q.shape
     kv, width = keys.shape[1], layout.width
     g, past = h // kv, valid - n
     values = _pad_keys(values, max(width, values.shape[2]))  # a short tensor (not a cache view) is copied
+    step = rows_per_product(g, values.dtype)
     rows = q.view(b, kv, g, n, d)[:, :, :, layout.order].transpose(2, 3).reshape(b, kv, n * g, d)
-    scores = (rows @ keys[:, :, :valid].transpose(-1, -2)).float().view(b, kv, n, g, valid)
+    scores = _scores(rows, keys[:, :, :valid], g * (n if values.dtype == torch.bfloat16 else step))
+    scores = scores.float().view(b, kv, n, g, valid)
     scores = scores.gather(-1, layout.columns[None, None, :, None, :].expand(b, kv, n, g, width)) * scale
     probs = scores.masked_fill_(~layout.visible[None, None, :, None, :], float("-inf")).softmax(-1).to(values.dtype)
-    span = values[:, :, :width]
     out = torch.empty(b, kv, n, g, d, dtype=values.dtype)
     own = None  # the call's own values, while the cache holds another path's nodes
-    step = rows_per_product(g)
     for start, stop, nodes, chain in layout.paths:
         if not chain or own is not None:
             own = values[:, :, past:valid].clone() if own is None else own
             values[:, :, past:past + len(nodes)] = own[:, :, nodes]
-        for first in range(start, stop, step):
-            last = min(first + step, stop)
-            path_probs = probs[:, :, first:last].reshape(b, kv, (last - first) * g, width)
-            out[:, :, first:last] = (path_probs @ span).view(b, kv, last - first, g, d)
+        for first, last in _runs(layout.reach, start, stop, step):
+            reach = layout.reach[first]
+            path_probs = probs[:, :, first:last, :, :reach].reshape(b, kv, (last - first) * g, reach)
+            out[:, :, first:last] = (path_probs @ values[:, :, :reach]).view(b, kv, last - first, g, d)
     if own is not None:
         values[:, :, past:valid] = own
     return out[:, :, layout.restore].transpose(2, 3).reshape(b, h, n, d)
+
+
+def _runs(reach: tuple[int, ...], start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    """Rows [start, stop) cut into runs of at most `step` rows with one reach each."""
+    runs, first = [], start
+    for row in range(start + 1, stop + 1):
+        if row == stop or row - first == step or reach[row] != reach[first]:
+            runs.append((first, row))
+            first = row
+    return runs
+
+
+def _scores(rows: torch.Tensor, keys: torch.Tensor, per_product: int) -> torch.Tensor:
+    """rows [B, KV, M, D] @ keys^T, at most `per_product` rows per product."""
+    if rows.shape[2] <= per_product:
+        return rows @ keys.transpose(-1, -2)
+    return torch.cat([part @ keys.transpose(-1, -2) for part in rows.split(per_product, 2)], 2)
 
 
 def _gathered(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float,

@@ -17,7 +17,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaModel, rotate_half
 
 from .cpu import EXACT_ROWS, OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
-from .exact_attention import padded_keys, path_layout, row_exact_attention
+from .exact_attention import cache_dtype, padded_keys, path_layout, row_exact_attention
 from .int4 import Int4Linear, Int4Weight
 
 
@@ -166,10 +166,16 @@ class LlamaFastPath(nn.Module):
         if self._built_for != self._weights_key():
             self._build()
         shape = (len(self.layers), self.kv_heads, self.capacity, self.head_dim)
-        dtype = self.body.embed_tokens.weight.dtype
+        dtype = self.cache_dtype()
         if self.keys.shape != shape or self.keys.dtype != dtype:
             self.keys, self.values = torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)
         self.length = 0
+
+    def cache_dtype(self) -> torch.dtype:
+        """The keys' and values' dtype: the model's, except that a bfloat16 model's exact attention
+        computes in its cache's dtype (exact_attention.cache_dtype: float32 where it stays exact)."""
+        dtype = self.body.embed_tokens.weight.dtype
+        return cache_dtype(self.head_dim, self.heads // self.kv_heads) if dtype == torch.bfloat16 else dtype
 
     def _linears(self) -> list[nn.Module]:
         return [m for layer in self.body.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,

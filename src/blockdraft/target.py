@@ -62,6 +62,9 @@ class TransformersBody:
         kept = torch.cat([out.hidden_states[i + 1][0] for i in layers], -1) if layers else None
         return out.last_hidden_state[0], kept
 
+    def cache_dtype(self) -> torch.dtype:
+        return self.model.dtype
+
     def crop(self, tokens: int) -> None:
         self.cache.crop(-tokens)
 
@@ -106,6 +109,12 @@ class TargetModel:
     def path(self) -> str:
         """Which body runs the decoder ("llama-fastpath" or "transformers"): part of cost-curve keys."""
         return self.runner.name
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype (the fast path keeps a bfloat16 model's in float32 where its
+        attention stays exact so): part of cost-curve keys."""
+        return self.runner.cache_dtype()
 
     @property
     def cache_length(self) -> int:

@@ -14,13 +14,14 @@ from .types import Lattice
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, vocab: int = 64, hidden: int = 32,
-               layers: int = 2, max_positions: int = 256):
-    """A random-weight Llama-architecture CausalLM built from a config (never downloaded)."""
+               layers: int = 2, max_positions: int = 256, heads: tuple[int, int] = (4, 2)):
+    """A random-weight Llama-architecture CausalLM built from a config (never downloaded);
+    `heads`: query heads, key/value heads."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         num_attention_heads=heads[0], num_key_value_heads=heads[1], max_position_embeddings=max_positions,
                          tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     model = LlamaForCausalLM(config).to(dtype).eval()
     with torch.no_grad():  # larger weights than the default init: less flat, more varied greedy text
