@@ -170,8 +170,11 @@ def _causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
     keys, values = _pad_keys(keys, width), _pad_keys(values, width)
     grouped = q.reshape(b, kv, h // kv * n, d)
     scores = (grouped @ keys.transpose(-1, -2)).float().view(b, h, n, width) * scale
-    causal = torch.ones(n, width, dtype=torch.bool, device=q.device).tril(valid - n)
-    probs = scores.masked_fill_(~causal, float("-inf")).softmax(-1).to(values.dtype)
+    if n == 1:  # one token: only the padding is hidden (one fill instead of building a mask)
+        scores[..., valid:] = float("-inf")
+    else:
+        scores.masked_fill_(~torch.ones(n, width, dtype=torch.bool, device=q.device).tril(valid - n), float("-inf"))
+    probs = scores.softmax(-1).to(values.dtype)
     return (probs.view(b, kv, h // kv * n, width) @ values).view(b, h, n, d)
 
 
