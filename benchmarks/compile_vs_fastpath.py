@@ -18,9 +18,7 @@ its size for the lossless promise to hold).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from blockdraft.cpu import cpu_model
+from blockdraft.bench.provenance import results_header
 
 SIZES = (1, 8, 16)
 
@@ -57,10 +55,7 @@ def main() -> None:
     from blockdraft.sizing import measure_cost_curve
     from transformers import StaticCache
 
-    results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{cpu_model()} ({os.cpu_count()} CPUs)", "threads": args.threads,
-               "torch": torch.__version__, "context": args.context, "ms_per_forward": {}}
+    results = {**results_header(args.threads), "context": args.context, "ms_per_forward": {}}
     dec = blockdraft.load()
     curve = measure_cost_curve(dec.target, sizes=SIZES, context=args.context, rounds=args.rounds)
     results["ms_per_forward"]["blockdraft"] = {n: round(1000 * s, 2) for n, s in zip(curve.tokens, curve.seconds)}

@@ -13,14 +13,12 @@ at the same depths: `-n 1`-token generation (its decode step) and 8- and 16-toke
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from blockdraft.cpu import cpu_model
+from blockdraft.bench.provenance import results_header
 
 CONTEXTS = (128, 512, 2048, 6144)
 SIZES = (1, 8, 16)
@@ -74,9 +72,7 @@ def main() -> None:
     ap.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
     args = ap.parse_args()
     contexts = tuple(int(c) for c in args.contexts.split(","))
-    results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{cpu_model()} ({os.cpu_count()} CPUs)", "threads": args.threads,
+    results = {**results_header(args.threads),
                "ms_per_forward": {f"blockdraft {args.dtype}": ours(args.dtype, args.threads, contexts)}}
     if args.llama_bench:
         results["ms_per_forward"]["llama.cpp Q4_1"] = llama_cpp(args.llama_bench, args.threads, contexts)

@@ -14,17 +14,15 @@ int8 per output channel (`_weight_int8pack_mm`) and 4 bits in groups of 32 (bloc
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from blockdraft.cpu import cpu_model, pack_weight, packed_linear
+from blockdraft.bench.provenance import results_header
+from blockdraft.cpu import pack_weight, packed_linear
 from blockdraft.int4 import Int4Weight
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
@@ -85,10 +83,7 @@ def main() -> None:
         alone = torch.cat([product(x[i: i + 1]) for i in range(128)])
         differs = [rows for rows in range(2, 129) if not torch.equal(product(x[:rows]), alone[:rows])]
         exact[fmt] = "every row count 1-128" if not differs else f"differs from {differs[0]} rows"
-    results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": f"{cpu_model()} ({os.cpu_count()} CPUs)", "threads": args.threads, "torch": torch.__version__,
-               "ms_for_30_layers_by_rows": ms, "row_result_independent_of_row_count (gate|up)": exact}
+    results = {**results_header(args.threads), "ms_for_30_layers_by_rows": ms, "row_result_independent_of_row_count (gate|up)": exact}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({"ms": ms, "exact": exact}, indent=1))

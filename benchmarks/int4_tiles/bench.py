@@ -16,10 +16,8 @@ C++ extension tools into $BLOCKDRAFT_CACHE/kernels.
 from __future__ import annotations
 
 import argparse
-import datetime
 import hashlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from blockdraft.cpu import cpu_model
+from blockdraft.bench.provenance import results_header
 from blockdraft.int4 import GROUP, FourBitWeight, Int4Weight, group_levels
 from blockdraft.models import cache_root
 
@@ -164,9 +162,7 @@ def main() -> None:
         blockdraft.fastpath.Int4Weight = TileInt4Weight
         sys.exit(cli(rest))
     results = products(args.rounds) if args.what == "products" else curves()
-    results.update({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": f"{cpu_model()} ({os.cpu_count()} CPUs)", "threads": args.threads, "torch": torch.__version__})
+    results.update(results_header(args.threads))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
