@@ -227,9 +227,10 @@ def test_bfloat16_attention_with_other_visibility_copies_each_rows_keys(cache):
     q = torch.randn(1, 9, n, 64, generator=g).bfloat16()
     k, v = (torch.randn(1, 3, past + n, 64, generator=g).bfloat16().to(cache) for _ in range(2))
     got = row_exact_attention(q, k, v, allowed, 0.125)
-    keep = allowed[2].nonzero().flatten()
-    alone = row_exact_attention(q[:, :, 2:3], k[:, :, keep], v[:, :, keep], None, 0.125)
-    assert torch.equal(alone[0, :, 0], got[0, :, 2])
+    for row in range(n):  # row 2 reads 61 keys (one key block), the others 71 (two)
+        keep = allowed[row].nonzero().flatten()
+        alone = row_exact_attention(q[:, :, row:row + 1], k[:, :, keep], v[:, :, keep], None, 0.125)
+        assert torch.equal(alone[0, :, 0], got[0, :, row]), row
 
 
 def test_bfloat16_products_over_many_rows_equal_each_row_alone():

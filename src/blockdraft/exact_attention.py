@@ -228,11 +228,23 @@ def _scores(rows: torch.Tensor, keys: torch.Tensor, per_product: int) -> torch.T
 
 def _gathered(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float,
               valid: int) -> torch.Tensor:
-    """Any visibility: each row's visible keys copied out in order (slow: a cache copy per row)."""
+    """Any visibility: each row's visible keys copied out in order (slow: a cache copy per row),
+    rows with the same padded key count in one product (a row reduces over its own)."""
+    b, h, n, d = q.shape
+    widths = torch.tensor([padded_keys(int(count)) for count in allowed[:, :valid].sum(-1).tolist()])
+    out = torch.empty(b, h, n, d, dtype=values.dtype)
+    for width in widths.unique().tolist():
+        rows = (widths == width).nonzero().flatten()
+        out[:, :, rows] = _gathered_rows(q[:, :, rows], keys, values, allowed[rows], scale, valid, width)
+    return out
+
+
+def _gathered_rows(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor, scale: float,
+                   valid: int, width: int) -> torch.Tensor:
+    """_gathered for rows that all reduce over `width` keys."""
     b, h, n, d = q.shape
     kv = keys.shape[1]
     g = h // kv
-    width = padded_keys(int(allowed.sum(-1).max()))
     positions = torch.arange(valid, device=q.device)
     order = torch.sort(torch.where(allowed[:, :valid], positions, valid), -1).values
     order = torch.cat([order, order.new_full((n, max(0, width - order.shape[1])), valid)], -1)[:, :width]
@@ -240,7 +252,7 @@ def _gathered(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed
     order = order.masked_fill(pad, 0)
     k_rows = keys[0][:, order]  # [KV, N, W, D]
     v_rows = values[0][:, order]
-    q_rows = q[0].view(kv, g, n, d).transpose(1, 2)  # [KV, N, g, D]
+    q_rows = q[0].reshape(kv, g, n, d).transpose(1, 2)  # [KV, N, g, D]
     scores = (q_rows @ k_rows.transpose(-1, -2)).float() * scale  # [KV, N, g, W]
     probs = scores.masked_fill_(pad[None, :, None, :], float("-inf")).softmax(-1).to(values.dtype)
     out = probs @ v_rows  # [KV, N, g, D]
