@@ -63,6 +63,20 @@ def test_rows_of_a_fused_weight_are_its_product_sliced():
     assert isinstance(plain, torch.nn.Linear) and torch.equal(plain.weight, kv.weight)
 
 
+def test_rows_in_whole_blocks_multiply_alone_over_the_shared_codes():
+    """transformers' forward calls q, k and v (gate and up) one by one: rows in whole blocks of 64
+    run the kernel on their slice of the fused codes (no copy) and give the fused product's rows;
+    other rows fall back to slicing the fused product."""
+    g = torch.Generator().manual_seed(3)
+    fused = Int4Weight.quantize(torch.randn(320, 128, generator=g))
+    q, k, v = Int4Linear(fused, 0, 192), Int4Linear(fused, 192, 256), Int4Linear(fused, 256, 320)
+    assert all(part.own is not None and part.own.packed.data_ptr() >= fused.packed.data_ptr() for part in (q, k, v))
+    for rows in (1, 5, 70):  # the kernel, and from 64 rows the dense product
+        x = torch.randn(1, rows, 128, generator=g).bfloat16()
+        assert torch.equal(torch.cat([q(x), k(x), v(x)], -1), fused.prefill(x))
+    assert Int4Linear(fused, 0, 96).own is None and Int4Linear(fused).own is None
+
+
 def test_weights_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         Int4Weight.quantize(torch.randn(8, 40))

@@ -93,6 +93,11 @@ class FourBitWeight:
         forward): the dense product from `dense_rows` rows on, the kernel below."""
         return self.dense(x) if x.numel() >= self.dense_rows * self.in_features else self(x)
 
+    def rows(self, start: int, stop: int) -> FourBitWeight | None:
+        """Output rows [start, stop) as a weight of their own over the same codes (no copy), or
+        None where this weight cannot lend them."""
+        return None
+
 
 class Int4Weight(FourBitWeight):
     """A weight for torch's 4-bit kernel: w = code * step + minimum per group of GROUP inputs.
@@ -123,6 +128,16 @@ class Int4Weight(FourBitWeight):
         flat = x.reshape(-1, shape[-1]).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def rows(self, start: int, stop: int) -> Int4Weight | None:
+        """Rows [start, stop) sharing this weight's packed codes: torch's layout keeps each BLOCK
+        of output rows together, so whole blocks are a slice of it (where the layout is the one
+        this module knows); their scales are copied (a few KB)."""
+        if not (_layout_known() and start % BLOCK == 0 and stop % BLOCK == 0 and 0 <= start < stop <= self.out_features
+                and 2 * self.packed.numel() == self.out_features * self.in_features):
+            return None
+        return Int4Weight(self.packed[start:stop], self.scales_zeros[:, start:stop].contiguous(), stop - start,
+                          self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] as the kernel sees it, rounded to bfloat16: decoded from torch's
@@ -164,8 +179,9 @@ def _layout_known() -> bool:
 class Int4Linear(nn.Module):
     """Rows [start, stop) of a 4-bit weight as a stand-in for the nn.Linear they came from (all
     rows by default). Rows of a fused weight (q|k|v, gate|up) share its one copy: the model's own
-    forward (transformers' generate) computes the fused product and keeps its rows; the fast
-    path runs the fused product once for all of them."""
+    forward (transformers' generate) multiplies by its rows alone where the weight lends them
+    (`FourBitWeight.rows`), else computes the fused product and keeps its rows; the fast path
+    runs the fused product once for all of them."""
 
     def __init__(self, weight: FourBitWeight, start: int = 0, stop: int | None = None):
         super().__init__()
@@ -173,6 +189,7 @@ class Int4Linear(nn.Module):
         self.start, self.stop = start, weight.out_features if stop is None else stop
         self.in_features, self.out_features = weight.in_features, self.stop - self.start
         self.bias = None
+        self.own = None if self.whole else weight.rows(self.start, self.stop)
 
     @property
     def whole(self) -> bool:
@@ -185,6 +202,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """transformers' forward: rows need not each be exact here."""
+        if self.own is not None:
+            return self.own.prefill(x)
         y = self.fused.prefill(x)
         return y if self.whole else y[..., self.start: self.stop]
 
