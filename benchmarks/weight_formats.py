@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -50,6 +51,39 @@ def formats(weight: torch.Tensor) -> dict:
             "int8 per channel": Int8Weight(weight), "int4 groups of 32": Int4Weight.quantize(weight)}
 
 
+def measure(formats_of: Callable[[torch.Tensor], dict], rounds: int, rows: tuple[int, ...] = ROWS) -> dict:
+    """ms for LAYERS layers' four products by row count, each format in `formats_of(weight)`
+    (medians of interleaved rounds: a busy moment hits every format alike), and whether a row's
+    result depends on the row count (1-128 rows, gate|up)."""
+    g = torch.Generator().manual_seed(0)
+    layers = [{name: formats_of(torch.randn(*shape, generator=g) * 0.02) for name, shape in SHAPES.items()}
+              for _ in range(LAYERS)]
+    names = list(layers[0]["qkv"])
+    inputs = {n: {k: torch.randn(n, k, generator=g).bfloat16() for k in (576, 1536)} for n in rows}
+
+    def body(fmt: str, n: int) -> float:
+        start = time.perf_counter()
+        for layer in layers:
+            for name, (_, k) in SHAPES.items():
+                layer[name][fmt](inputs[n][k])
+        return time.perf_counter() - start
+
+    times = {fmt: {n: [] for n in rows} for fmt in names}
+    for _ in range(rounds):
+        for n in rows:
+            for fmt in names:
+                times[fmt][n].append(body(fmt, n))
+    ms = {fmt: {n: round(1000 * statistics.median(t), 2) for n, t in per.items()} for fmt, per in times.items()}
+    exact = {}
+    x = torch.randn(128, 576, generator=g).bfloat16()
+    for fmt in names:
+        product = layers[0]["gate_up"][fmt]
+        alone = torch.cat([product(x[i: i + 1]) for i in range(128)])
+        differs = [n for n in range(2, 129) if not torch.equal(product(x[:n]), alone[:n])]
+        exact[fmt] = "every row count 1-128" if not differs else f"differs from {differs[0]} rows"
+    return {"ms_for_30_layers_by_rows": ms, "row_result_independent_of_row_count (gate|up)": exact}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -57,36 +91,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    layers = [{name: formats(torch.randn(*shape, generator=g) * 0.02) for name, shape in SHAPES.items()}
-              for _ in range(LAYERS)]
-    names = list(layers[0]["qkv"])
-    inputs = {rows: {k: torch.randn(rows, k, generator=g).bfloat16() for k in (576, 1536)} for rows in ROWS}
-
-    def body(fmt: str, rows: int) -> float:
-        start = time.perf_counter()
-        for layer in layers:
-            for name, (_, k) in SHAPES.items():
-                layer[name][fmt](inputs[rows][k])
-        return time.perf_counter() - start
-
-    times = {fmt: {rows: [] for rows in ROWS} for fmt in names}
-    for _ in range(args.rounds):  # interleaved: a busy moment hits every format alike
-        for rows in ROWS:
-            for fmt in names:
-                times[fmt][rows].append(body(fmt, rows))
-    ms = {fmt: {rows: round(1000 * statistics.median(t), 2) for rows, t in per.items()} for fmt, per in times.items()}
-    exact = {}
-    x = torch.randn(128, 576, generator=g).bfloat16()
-    for fmt in names:
-        product = layers[0]["gate_up"][fmt]
-        alone = torch.cat([product(x[i: i + 1]) for i in range(128)])
-        differs = [rows for rows in range(2, 129) if not torch.equal(product(x[:rows]), alone[:rows])]
-        exact[fmt] = "every row count 1-128" if not differs else f"differs from {differs[0]} rows"
-    results = {**results_header(args.threads), "ms_for_30_layers_by_rows": ms, "row_result_independent_of_row_count (gate|up)": exact}
+    results = {**results_header(args.threads), **measure(formats, args.rounds)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({"ms": ms, "exact": exact}, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k not in ("command", "date", "machine")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +31,6 @@ SOURCE = Path(__file__).with_name("int4_tiles.cpp")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16",
          "-mf16c", "-mfma"]
 COLS = 16  # outputs per block of the kernel's layout
-SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
 ROWS = (1, 2, 4, 8, 12, 16, 32)
 
 
@@ -96,33 +93,13 @@ class TileInt4Weight(FourBitWeight):
 
 
 def products(rounds: int) -> dict:
-    """ms for the 30 layers' products by row count (medians of interleaved rounds), and whether a
-    row's result depends on the row count (1-128 rows, gate|up)."""
-    g = torch.Generator().manual_seed(0)
-    kinds = {"torch int4": Int4Weight, "AMX tiles int4": TileInt4Weight}
-    layers = []
-    for _ in range(30):
-        weights = {name: torch.randn(*shape, generator=g) * 0.02 for name, shape in SHAPES.items()}
-        layers.append({kind: {name: cls.quantize(w) for name, w in weights.items()} for kind, cls in kinds.items()})
-    inputs = {rows: {k: torch.randn(rows, k, generator=g).bfloat16() for k in (576, 1536)} for rows in ROWS}
-    times = {kind: {rows: [] for rows in ROWS} for kind in kinds}
-    for _ in range(rounds):
-        for rows in ROWS:
-            for kind in kinds:
-                start = time.perf_counter()
-                for layer in layers:
-                    for name, (_, k) in SHAPES.items():
-                        layer[kind][name](inputs[rows][k])
-                times[kind][rows].append(time.perf_counter() - start)
-    x = torch.randn(128, 576, generator=g).bfloat16()
-    exact = {}
-    for kind in kinds:
-        product = layers[0][kind]["gate_up"]
-        alone = torch.cat([product(x[i: i + 1]) for i in range(128)])
-        exact[kind] = all(torch.equal(product(x[:rows]), alone[:rows]) for rows in range(2, 129))
-    return {"ms_for_30_layers_by_rows": {kind: {rows: round(1000 * statistics.median(t), 2) for rows, t in per.items()}
-                                         for kind, per in times.items()},
-            "row_result_independent_of_row_count_1_128": exact}
+    """ms for the 30 layers' products by row count and whether a row's result depends on the row
+    count: weight_formats.measure over torch's kernel and the tiles."""
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from weight_formats import measure
+
+    return measure(lambda w: {"torch int4": Int4Weight.quantize(w), "AMX tiles int4": TileInt4Weight.quantize(w)},
+                   rounds, ROWS)
 
 
 def curves() -> dict:
