@@ -20,7 +20,7 @@ from blockdraft.bench.provenance import results_header
 
 KEYS = (200, 1000, 4000)
 TOKENS = (1, 4)
-SHAPES = ((64, 1), (64, 2), (64, 3), (128, 4), (128, 8))  # head width, query heads per key head
+SHAPES = ((64, 1, 3), (64, 2, 3), (64, 3, 3), (128, 4, 8), (128, 8, 8))  # head width, query heads per key head, key heads
 
 
 def layer_microseconds(threads: int) -> dict:
@@ -57,8 +57,8 @@ def probe(threads: int) -> dict:
     """exact_attention.cache_dtype per head shape, in a fresh process per thread count."""
     code = ("import json, sys, torch; torch.set_num_threads(int(sys.argv[1])); "
             "from blockdraft.exact_attention import cache_dtype; "
-            f"print(json.dumps({{f'{{d}} wide, {{g}} per key head': str(cache_dtype(d, g)).removeprefix('torch.') "
-            f"for d, g in {SHAPES!r}}}))")
+            f"print(json.dumps({{f'{{d}} wide, {{g}} per key head, {{kv}} key heads': str(cache_dtype(d, g, kv)).removeprefix('torch.') "
+            f"for d, g, kv in {SHAPES!r}}}))")
     done = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 

@@ -15,7 +15,7 @@ from blockdraft.tree import TokenTree, build_tree
 
 # tiny bfloat16 models whose fast path keeps its cache in bfloat16 (64-wide heads, 2 per key head)
 # and in float32 (SmolLM2's 64-wide heads, 3 per key head) where this CPU's float32 products allow
-CACHES = {"bfloat16": (dict(hidden=128, heads=(2, 1)), (64, 2)), "float32": (dict(hidden=192, heads=(3, 1)), (64, 3))}
+CACHES = {"bfloat16": (dict(hidden=128, heads=(2, 1)), (64, 2, 1)), "float32": (dict(hidden=192, heads=(3, 1)), (64, 3, 1))}
 
 
 def _cached_in(cache: str) -> dict:
@@ -28,7 +28,7 @@ def _cached_in(cache: str) -> dict:
 
 def _cache_dtypes() -> list[torch.dtype]:
     """The cache dtypes exact attention runs in on this CPU (float32 where row-exact)."""
-    return sorted({torch.bfloat16, cache_dtype(64, 3)}, key=str)
+    return sorted({torch.bfloat16, cache_dtype(64, 3, 3)}, key=str)
 
 
 def _steps(target: TargetModel, prompt: list[int]) -> list[torch.Tensor]:

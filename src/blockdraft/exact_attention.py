@@ -19,9 +19,10 @@ most `rows_per_product` rows, the count up to which a row's result stays its own
 The cache's dtype picks the products' arithmetic: bfloat16 products (scores rounded to bfloat16)
 or float32 ones over the same bfloat16 values widened, 2.4x faster here for one token over 200
 keys and 2x over 4,000 (oneDNN's small bfloat16 products cost ~28 us each whatever their size).
-float32 products keep a row's result only where the CPU's kernels do (here, on 2 threads: from
-one token's rows, the query heads of a key head, up to 16 tokens' rows, over the same key count,
-for SmolLM2's 64-wide heads in groups of 3; not in groups of 1 or 2, and not on 4 threads), so
+float32 products keep a row's result only where the CPU's kernels do (here: from one token's
+rows, the query heads of a key head, up to 16 tokens' rows, over the same key count, for
+SmolLM2's 64-wide heads in groups of 3; not in groups of 1 or 2, nor 128-wide heads in groups
+of 4), and how the kernels split the work depends on the key heads and threads, so
 `cache_dtype` probes that once per head shape and thread count.
 """
 from __future__ import annotations
@@ -49,24 +50,26 @@ def rows_per_product(group: int, dtype: torch.dtype = torch.bfloat16) -> int:
     return 16 // group if group > 1 else 1
 
 
-def cache_dtype(head_dim: int, group: int) -> torch.dtype:
+def cache_dtype(head_dim: int, group: int, kv_heads: int = 1) -> torch.dtype:
     """The dtype to keep a bfloat16 model's keys and values in: float32 (faster products) where
-    float32 products keep each row's result on this CPU for heads of `head_dim` with `group`
-    query heads per key head, else bfloat16."""
-    return torch.float32 if _float32_rows_exact(head_dim, group, torch.get_num_threads()) else torch.bfloat16
+    float32 products keep each row's result on this CPU for `kv_heads` key heads of `head_dim`
+    with `group` query heads each, else bfloat16."""
+    exact = _float32_rows_exact(head_dim, group, kv_heads, torch.get_num_threads())
+    return torch.float32 if exact else torch.bfloat16
 
 
 @functools.cache
-def _float32_rows_exact(head_dim: int, group: int, threads: int) -> bool:
+def _float32_rows_exact(head_dim: int, group: int, kv_heads: int, threads: int) -> bool:
     """Whether float32 products of 1..FLOAT32_TOKENS tokens' rows give the first and last token's
     rows what a product of that token's rows alone gives (scores also over fewer keys; probed
-    once per shape and thread count, which changes how the kernels split the work; ~0.2 s)."""
+    once per shape and thread count, which change how the kernels split the work; ~0.5 s)."""
     g = torch.Generator().manual_seed(0)
     for width in (KEY_BLOCK, 3 * KEY_BLOCK, 16 * KEY_BLOCK, 17 * KEY_BLOCK, 64 * KEY_BLOCK, 128 * KEY_BLOCK):
-        keys, values = (torch.randn(1, 1, width + KEY_BLOCK, head_dim, generator=g).bfloat16().float() for _ in range(2))
+        keys, values = (torch.randn(1, kv_heads, width + KEY_BLOCK, head_dim, generator=g).bfloat16().float()
+                        for _ in range(2))
         for tokens in range(1, FLOAT32_TOKENS + 1):
-            rows = torch.randn(1, 1, tokens * group, head_dim, generator=g).bfloat16().float()
-            probs = torch.randn(1, 1, tokens * group, width, generator=g).softmax(-1)
+            rows = torch.randn(1, kv_heads, tokens * group, head_dim, generator=g).bfloat16().float()
+            probs = torch.randn(1, kv_heads, tokens * group, width, generator=g).softmax(-1)
             scores = rows @ keys[:, :, : width - tokens].transpose(-1, -2)
             mixed = probs @ values[:, :, :width]
             for token in {0, tokens - 1}:

@@ -175,7 +175,7 @@ class LlamaFastPath(nn.Module):
         """The keys' and values' dtype: the model's, except that a bfloat16 model's exact attention
         computes in its cache's dtype (exact_attention.cache_dtype: float32 where it stays exact)."""
         dtype = self.body.embed_tokens.weight.dtype
-        return cache_dtype(self.head_dim, self.heads // self.kv_heads) if dtype == torch.bfloat16 else dtype
+        return cache_dtype(self.head_dim, self.heads // self.kv_heads, self.kv_heads) if dtype == torch.bfloat16 else dtype
 
     def _linears(self) -> list[nn.Module]:
         return [m for layer in self.body.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
