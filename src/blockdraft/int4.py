@@ -133,8 +133,7 @@ class Int4Weight(FourBitWeight):
         """Rows [start, stop) sharing this weight's packed codes: torch's layout keeps each BLOCK
         of output rows together, so whole blocks are a slice of it (where the layout is the one
         this module knows); their scales are copied (a few KB)."""
-        if not (_layout_known() and start % BLOCK == 0 and stop % BLOCK == 0 and 0 <= start < stop <= self.out_features
-                and 2 * self.packed.numel() == self.out_features * self.in_features):
+        if not (self._in_known_layout() and start % BLOCK == 0 and stop % BLOCK == 0 and 0 <= start < stop <= self.out_features):
             return None
         return Int4Weight(self.packed[start:stop], self.scales_zeros[:, start:stop].contiguous(), stop - start,
                           self.in_features)
@@ -143,10 +142,15 @@ class Int4Weight(FourBitWeight):
         """The weight [out, in] as the kernel sees it, rounded to bfloat16: decoded from torch's
         layout where it is the one this module knows (checked once against the kernel), else the
         kernel's product with the identity (slow: a row per input)."""
-        if _layout_known() and self.out_features % BLOCK == 0 and 2 * self.packed.numel() == self.out_features * self.in_features:
+        if self._in_known_layout():
             return _decode(self.packed, self.scales_zeros, self.out_features, self.in_features)
         eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
         return self(eye).t().contiguous()
+
+    def _in_known_layout(self) -> bool:
+        """Whether the packed codes are laid out as _decode reads them: torch's layout as probed
+        (`_layout_known`), whole BLOCKs of output rows, two codes a byte."""
+        return _layout_known() and self.out_features % BLOCK == 0 and 2 * self.packed.numel() == self.out_features * self.in_features
 
 
 def _decode(packed: torch.Tensor, scales_zeros: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
