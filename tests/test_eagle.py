@@ -31,6 +31,43 @@ def test_greedy_ids_equal_the_models_own(seed, shape, fast_path):
         assert max(s.tree_nodes for s in got.stats) > 1
 
 
+class _FullDepth(EagleDrafter):
+    """Grows every level, as the drafter did before it stopped where deeper nodes cannot pay."""
+
+    def _deeper_pays(self, scores, best_new):
+        return True
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("slope", [0.002, 0.02, 0.2])
+def test_stopping_where_deeper_nodes_cannot_pay_keeps_the_tree(seed, slope):
+    """On a cost curve that grows linearly, a level whose likeliest node is outside the profitable
+    nodes ends the tree: the drafts equal those of the full-depth tree, in fewer layer calls."""
+    from blockdraft.sizing import CostCurve
+
+    sizes = tuple(range(1, 65))
+    cost = CostCurve(sizes, tuple(1.0 + slope * (n - 1) for n in sizes))
+    model = tiny_llama(seed, torch.float64, layers=4, vocab=16)
+    layer = random_eagle(model, seed)
+    calls = []
+    layer.register_forward_hook(lambda *_: calls.append(1))
+    embed = model.get_input_embeddings().weight
+    feats = torch.randn(12, 3 * 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    ids = [(seed * 5 + 3 * i) % 16 for i in range(13)]
+    trees, counts = [], []
+    for kind in (EagleDrafter, _FullDepth):
+        drafter = kind(layer, embed, depth=6, cost=cost)
+        drafter.begin(feats[:8], ids[:9])
+        calls.clear()
+        trees.append([drafter.propose(feats[t:t + 1], ids[: t + 2]) for t in range(8, 12)])
+        counts.append(len(calls))
+    assert [(t.paths, t.scores) if t else None for t in trees[0]] == [(t.paths, t.scores) if t else None for t in trees[1]]
+    assert any(trees[0]) and counts[0] < counts[1]
+    target = TargetModel(model)
+    got = generate(target, EagleDrafter(layer, embed, cost=cost), TreeRefiner(), ids[:6], DecodeConfig(max_new_tokens=30))
+    assert got.ids == reference_greedy(model, ids[:6], 30)
+
+
 def test_some_drafts_are_accepted():
     accepted = 0
     for seed in range(6):

@@ -8,6 +8,7 @@ pays, the step sends no draft at all, like plain decoding.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -135,13 +136,25 @@ def fit_drafts(drafts: list[list[int]], lattice: Lattice, cost: CostCurve) -> li
 def profitable_nodes(probs: list[float], cost: CostCurve) -> int:
     """How many of the tree nodes (most probable first, each with its chance of being accepted)
     maximise expected tokens per forward second: (1 + sum of the first n chances) / cost(1 + n)."""
-    best_n, best_rate, gain = 0, 1.0 / cost(1), 0.0
+    seconds = cost_table(cost, len(probs) + 1)
+    best_n, best_rate, gain = 0, 1.0 / seconds[0], 0.0
     for n, p in enumerate(probs, start=1):
         gain += p
-        rate = (1.0 + gain) / cost(1 + n)
+        rate = (1.0 + gain) / seconds[n]
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n
+
+
+@functools.lru_cache(maxsize=64)
+def _cost_table(cost: CostCurve, size: int) -> tuple[float, ...]:
+    return tuple(cost(n) for n in range(1, size + 1))
+
+
+def cost_table(cost: CostCurve, n: int) -> tuple[float, ...]:
+    """cost(1), ..., cost(n) or more, computed once per curve: drafters size a tree every step, and
+    interpolating each size again cost more than the sizing itself."""
+    return _cost_table(cost, max(64, 1 << max(0, n - 1).bit_length()))
 
 
 class FittedRefiner:

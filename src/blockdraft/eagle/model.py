@@ -114,7 +114,8 @@ class EagleLayer(nn.Module):
         q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        q, k = self._rope(q, positions), self._rope(k, positions)
+        cos, sin = self._rotary(positions, x.device)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         causal = allowed is None and past is None and t > 1
         if allowed is None and past is not None and t > 1:
@@ -131,14 +132,13 @@ class EagleLayer(nn.Module):
     def target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self._inv_freq.device != x.device:
-            self._inv_freq = self._inv_freq.to(x.device)
-        angles = positions.to(device=x.device, dtype=torch.float32)[:, None] * self._inv_freq[None]  # [T, D/2]
-        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-        x1, x2 = x.chunk(2, -1)
-        rotated = torch.cat([-x2, x1], -1)
-        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    def _rotary(self, positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, D] of the rotary angles at `positions`, in float32."""
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        angles = positions.to(device=device, dtype=torch.float32)[:, None] * self._inv_freq[None]  # [T, D/2]
+        angles = torch.cat([angles, angles], -1)
+        return angles.cos(), angles.sin()
 
     def check_compatible(self, model: nn.Module, fingerprint: str | None = None) -> None:
         """One line when these weights were trained for another model."""
@@ -152,6 +152,13 @@ class EagleLayer(nn.Module):
         if fingerprint and c.base_fingerprint and fingerprint != c.base_fingerprint:
             raise BlockdraftError(f"this eagle drafter was trained for {c.base_model or 'another model'} "
                                   f"(fingerprint {c.base_fingerprint}), not these weights ({fingerprint})")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [..., T, D] (half-split layout), computed in float32."""
+    x1, x2 = x.chunk(2, -1)
+    rotated = torch.cat([-x2, x1], -1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 def median_feature_rms(features: torch.Tensor, parts: int) -> list[float]:
