@@ -96,7 +96,8 @@ def test_states_equal_on_both_bodies():
 
 @pytest.mark.parametrize("t", [0, 3, 7])
 def test_training_time_test_computes_what_drafting_computes(t):
-    """Step j of training at s = t + j scores the token that drafting a chain after t scores at depth j + 1."""
+    """Step j of training at s = t + j scores the token that drafting after t scores at depth
+    j + 1, on every path of a branching tree (a node attends to its ancestors, not its cousins)."""
     model = tiny_llama(1, torch.float64, layers=4)
     layer = random_eagle(model, 5, draft_vocab=40).double()
     embed = model.get_input_embeddings().weight
@@ -104,21 +105,21 @@ def test_training_time_test_computes_what_drafting_computes(t):
     depth = 4
     feats = torch.randn(t + 1 + depth, 3 * 32, dtype=torch.float64)
     ids = torch.randint(0, 64, (t + 2,)).tolist()
-    drafter = EagleDrafter(layer, embed, max_nodes=depth, depth=depth, branch=1, beam=1)
+    drafter = EagleDrafter(layer, embed, max_nodes=30, depth=depth, branch=3, beam=3)  # every node: 3 + 3 x 9
     drafter.begin(feats[:t], ids[: t + 1])
     tree = drafter.propose(feats[t:t + 1], ids[: t + 2])
-    chain = tree.paths[0]
-    assert len(chain) == depth
-    seq = torch.tensor(ids + chain)
-    with torch.no_grad():
-        outs = list(ttt_outputs(layer, embed, feats[None, : len(seq) - 1], seq[None, 1:], depth))
-    score = 0.0
-    for j, out in enumerate(outs):
+    assert len(tree.paths) > 3 and max(map(len, tree.paths)) == depth
+    draft_ids = layer.target_ids(torch.arange(40))
+    for path, drafted_score in zip(tree.paths, tree.scores):
+        seq = torch.tensor(ids + path)
         with torch.no_grad():
-            logp = torch.log_softmax(layer.logits(out[0, t + j]), -1)
-        draft_id = int((layer.target_ids(torch.arange(40)) == chain[j]).nonzero())
-        score += float(logp[draft_id])
-    assert score == pytest.approx(tree.scores[0], abs=1e-5)  # the drafter sums its scores in float32
+            outs = list(ttt_outputs(layer, embed, feats[None, : len(seq) - 1], seq[None, 1:], len(path)))
+        score = 0.0
+        for j, out in enumerate(outs):
+            with torch.no_grad():
+                logp = torch.log_softmax(layer.logits(out[0, t + j]), -1)
+            score += float(logp[int((draft_ids == path[j]).nonzero())])
+        assert score == pytest.approx(drafted_score, abs=1e-5)  # the drafter sums its scores in float32
 
 
 def _tiny_corpus(tmp_path, model, n=24):
