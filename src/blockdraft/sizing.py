@@ -136,14 +136,30 @@ def fit_drafts(drafts: list[list[int]], lattice: Lattice, cost: CostCurve) -> li
 def profitable_nodes(probs: list[float], cost: CostCurve) -> int:
     """How many of the tree nodes (most probable first, each with its chance of being accepted)
     maximise expected tokens per forward second: (1 + sum of the first n chances) / cost(1 + n)."""
-    seconds = cost_table(cost, len(probs) + 1)
-    best_n, best_rate, gain = 0, 1.0 / seconds[0], 0.0
-    for n, p in enumerate(probs, start=1):
-        gain += p
-        rate = (1.0 + gain) / seconds[n]
+    best_n, best_rate = 0, float("-inf")
+    for n, rate in enumerate(_rates(probs, cost_table(cost, len(probs) + 1))):
         if rate > best_rate:
             best_n, best_rate = n, rate
     return best_n
+
+
+def more_nodes_could_pay(probs: list[float], p: float, cost: CostCurve, limit: int) -> bool:
+    """Whether nodes of chance at most `p`, ranked after `probs` (most probable first), could make
+    some count up to `limit` beat the best rate of `probs`' own prefixes: the bound a tree grower
+    checks before a deeper level, whose nodes are never likelier than p."""
+    seconds = cost_table(cost, limit + 1)
+    best_rate, gain, a = max(_rates(probs, seconds)), sum(probs), len(probs)
+    return any((1.0 + gain + (n - a) * p) / seconds[n] > best_rate for n in range(a + 1, limit + 1))
+
+
+def _rates(probs: list[float], seconds: tuple[float, ...]):
+    """Expected tokens per forward second, (1 + sum of the first n chances) / cost(1 + n), for
+    n = 0 .. len(probs); seconds[i] is cost(1 + i)."""
+    gain = 0.0
+    yield 1.0 / seconds[0]
+    for n, p in enumerate(probs, start=1):
+        gain += p
+        yield (1.0 + gain) / seconds[n]
 
 
 @functools.lru_cache(maxsize=64)

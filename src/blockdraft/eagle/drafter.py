@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..sizing import CostCurve, cost_table, profitable_nodes
+from ..sizing import CostCurve, more_nodes_could_pay, profitable_nodes
 from ..types import DraftTree
 from .model import EagleLayer
 
@@ -112,20 +112,13 @@ class EagleDrafter:
 
     def _deeper_pays(self, scores: list[float], best_new: float) -> bool:
         """Whether a deeper level could change the drafts. A deeper node is never likelier than the
-        likeliest new node (p), so the nodes above p keep their ranks; deeper nodes could only add
-        nodes of chance <= p after them. If even n - a such nodes, after the a nodes above p, never
-        beat the best rate the nodes above p give on the cost curve, for any n up to `max_nodes`,
-        `_select` would keep no deeper node: stop, and save those layer calls."""
+        likeliest new node, so the nodes above it keep their ranks and deeper ones only rank after
+        them: if `sizing.more_nodes_could_pay` says no such nodes could, `_select` would keep none
+        of them; stop, and save those layer calls."""
         if self.cost is None:
             return True
         above = sorted((s for s in scores if s > best_new), reverse=True)[: self.max_nodes]
-        seconds = cost_table(self.cost, self.max_nodes + 1)
-        gain, best_rate = 0.0, 1.0 / seconds[0]
-        for n, s in enumerate(above, start=1):
-            gain += math.exp(s)
-            best_rate = max(best_rate, (1.0 + gain) / seconds[n])
-        p, a = math.exp(best_new), len(above)
-        return any((1.0 + gain + (n - a) * p) / seconds[n] > best_rate for n in range(a + 1, self.max_nodes + 1))
+        return more_nodes_could_pay([math.exp(s) for s in above], math.exp(best_new), self.cost, self.max_nodes)
 
     def _select(self, tokens: list[int], parents: list[int], scores: list[float]) -> DraftTree | None:
         """The `max_nodes` likeliest nodes (ancestors first on ties), as root-to-leaf paths."""
