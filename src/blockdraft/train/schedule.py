@@ -1,21 +1,28 @@
-"""Learning-rate schedule and step budget shared by the head and rescorer trainers."""
+"""Learning-rate schedule and step budget shared by the head, eagle and rescorer trainers."""
 from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 
 class StepPlan:
     """Warm-up + cosine over `total` steps; with max_seconds, total shrinks to fit the budget.
 
-    The steady step time is measured between steps 10 and 30, so one-off start-up costs (GPU
-    kernels, allocator warm-up) do not shrink the plan (they did in an earlier version).
+    The steady step time is first measured between steps 10 and 30, so one-off start-up costs
+    (GPU kernels, allocator warm-up) do not shrink the plan (they did in an earlier version).
+    It is measured again over every `recheck` steps after that, and the plan shrinks (never
+    grows) to what the time left allows at the latest rate: steps that slow down midway (a CPU
+    shared with another job) end the run near its budget instead of past it. Shrinking only
+    moves the cosine further along, so the learning rate never rises.
     """
 
-    def __init__(self, total: int, max_seconds: float = 0.0, warmup: float = 0.05):
-        self.total, self.max_seconds, self.warmup = max(1, total), max_seconds, warmup
-        self._began = time.time()
-        self._t10: float | None = None
+    def __init__(self, total: int, max_seconds: float = 0.0, warmup: float = 0.05, recheck: int = 50,
+                 clock: Callable[[], float] = time.time):
+        self.total, self.max_seconds, self.warmup, self.recheck = max(1, total), max_seconds, warmup, recheck
+        self._clock = clock
+        self._began = clock()
+        self._mark: tuple[int, float] | None = None  # (steps done, time) where the current window began
 
     def lr_factor(self, step: int) -> float:
         warm = max(1, int(self.warmup * self.total))
@@ -27,12 +34,14 @@ class StepPlan:
         """Call after each optimiser step (done = steps so far in this run)."""
         if not self.max_seconds:
             return
+        now = self._clock()
         if done == 10:
-            self._t10 = time.time()
-        elif done == 30 and self._t10 is not None:
-            per_step = (time.time() - self._t10) / 20
-            left = self.max_seconds - (time.time() - self._began)
-            self.total = min(self.total, done + max(0, int(left / per_step)))
+            self._mark = (done, now)
+        elif self._mark is not None and done - self._mark[0] == (20 if self._mark[0] == 10 else self.recheck):
+            per_step = (now - self._mark[1]) / (done - self._mark[0])
+            left = self.max_seconds - (now - self._began)
+            self.total = min(self.total, done + max(0, int(left / per_step)) if per_step > 0 else self.total)
+            self._mark = (done, now)
 
     def finished(self, done: int) -> bool:
         return done >= self.total
