@@ -13,8 +13,9 @@ class StepPlan:
     (GPU kernels, allocator warm-up) do not shrink the plan (they did in an earlier version).
     It is measured again over every `recheck` steps after that, and the plan shrinks (never
     grows) to what the time left allows at the latest rate: steps that slow down midway (a CPU
-    shared with another job) end the run near its budget instead of past it. Shrinking only
-    moves the cosine further along, so the learning rate never rises.
+    shared with another job) end the run near its budget instead of past it. Past the warm-up,
+    shrinking only moves the cosine further along, so the learning rate never rises (a shrink
+    at step 30 may end a long warm-up early).
     """
 
     def __init__(self, total: int, max_seconds: float = 0.0, warmup: float = 0.05, recheck: int = 50,
@@ -37,11 +38,17 @@ class StepPlan:
         now = self._clock()
         if done == 10:
             self._mark = (done, now)
-        elif self._mark is not None and done - self._mark[0] == (20 if self._mark[0] == 10 else self.recheck):
-            per_step = (now - self._mark[1]) / (done - self._mark[0])
+            return
+        if self._mark is None:
+            return
+        start, began = self._mark
+        if done - start != (20 if start == 10 else self.recheck):  # steps 10-30 first, then every `recheck`
+            return
+        per_step = (now - began) / (done - start)
+        if per_step > 0:
             left = self.max_seconds - (now - self._began)
-            self.total = min(self.total, done + max(0, int(left / per_step)) if per_step > 0 else self.total)
-            self._mark = (done, now)
+            self.total = min(self.total, done + max(0, int(left / per_step)))
+        self._mark = (done, now)
 
     def finished(self, done: int) -> bool:
         return done >= self.total
