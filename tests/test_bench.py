@@ -286,17 +286,17 @@ def test_round_robin_takes_categories_in_turn():
     assert [q["question_id"] for q in round_robin(qs)] == [0, 3, 5, 1, 4, 2]
 
 
-def test_sampled_bench_repeats_by_seed_and_skips_the_greedy_peers(decoder, tmp_path):
+def test_sampled_bench_repeats_by_seed_is_lossless_and_skips_the_greedy_peers(decoder, tmp_path):
     from blockdraft.sampling import Sampling
 
     runs = [run_bench(decoder, QUESTIONS[1:], ["ar", "bpd", "hf-pld"], 12, tmp_path / name,
                       sampling=Sampling(temperature=0.9)) for name in ("a", "b")]
     assert all(list(r["methods"]) == ["ar", "bpd"] and "greedy" in r["config"]["skipped"]["hf-pld"] for r in runs)
     assert runs[0]["config"]["sampling"] == {"temperature": 0.9, "top_k": 0, "top_p": 1.0, "seed": 0}
-    assert all(r["methods"][m]["overall"]["lossless_rate"] is None for r in runs for m in ("ar", "bpd"))
+    assert all(r["methods"][m]["overall"]["lossless_rate"] == 1.0 for r in runs for m in ("ar", "bpd"))
     texts = [[[c["turns"] for a in _answers(tmp_path / name, m) for c in a["choices"]] for m in ("ar", "bpd")]
              for name in ("a", "b")]
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1] and texts[0][0] == texts[0][1]  # one seed: one text, for every method
     assert "sampling: temperature 0.9" in (tmp_path / "a" / "results.md").read_text()
     greedy = run_bench(decoder, QUESTIONS[1:], ["ar"], 12, tmp_path / "g")
     assert greedy["config"]["sampling"] is None and greedy["methods"]["ar"]["overall"]["lossless_rate"] == 1.0

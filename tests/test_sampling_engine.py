@@ -26,6 +26,7 @@ from blockdraft.sampling import Sampling
 from blockdraft.target import TargetModel
 from blockdraft.testing import chi_square_pvalue, random_heads, tiny_llama
 from blockdraft.types import Lattice, Verdict
+from blockdraft.verify import accept_greedy
 
 V, L, PROMPT = 8, 3, [1, 5, 2, 5, 1, 5]
 SAMPLES = 1_500
@@ -120,21 +121,37 @@ def test_engine_samples_the_target_distribution(model, name, setting):
         assert block_efficiency > 1.2  # the drafts were used: the test saw accepted runs
 
 
-def greedy_match_with_sampled_bonus(tree, target_probs, draft_probs=None, generator=None) -> Verdict:
-    """A wrong rule: accept a draft token when it is the target's most likely one."""
+def greedy_match_with_sampled_bonus(tree, choices) -> Verdict:
+    """A wrong rule: accept a draft token when it is the target's most likely one, then sample."""
+    if isinstance(choices, torch.Tensor):  # greedy decoding: unchanged
+        return accept_greedy(tree, choices)
     children, path = tree.children(), [0]
-    while (child := children[path[-1]].get(int(target_probs[path[-1]].argmax()))) is not None:
+    while (child := children[path[-1]].get(int(choices.probs(path[-1]).argmax()))) is not None:
         path.append(child)
-    return Verdict(path=path, next_token=int(torch.multinomial(target_probs[path[-1]].double(), 1,
-                                                               generator=generator)))
+    return Verdict(path=path, next_token=choices[path[-1]])
 
 
 def test_a_wrong_rule_in_the_engine_fails(model, monkeypatch):
-    monkeypatch.setattr(engine, "accept_sampled", greedy_match_with_sampled_bonus)
+    monkeypatch.setattr(engine, "accept_greedy", greedy_match_with_sampled_bonus)
     sampling = SETTINGS["T1"]
     counts, _ = sample_counts(model, "target-argmax", sampling)
     _, _, pvalue = chi_square_pvalue(counts, exact(model, sampling))
     assert pvalue < ALPHA
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_every_drafting_samples_what_plain_sampling_samples(model, setting):
+    """One seed, one output: drafts change how many tokens a step commits, never which."""
+    target, sampling = TargetModel(model), SETTINGS[setting]
+    accepted = 0
+    for seed in range(40):
+        cfg = DecodeConfig(max_new_tokens=16, sampling=Sampling(sampling.temperature, sampling.top_k, sampling.top_p, seed))
+        plain = generate(target, *drafting("ar", model), PROMPT, cfg)
+        for name in ("bpd-chain", "top2-tree", "target-argmax", "lookup"):
+            drafted = generate(target, *drafting(name, model), PROMPT, cfg)
+            assert drafted.ids == plain.ids, (name, seed)
+            accepted += drafted.new_tokens - drafted.steps
+    assert accepted > 100  # the drafts were accepted often: equal ids are not plain decoding's by default
 
 
 def test_one_seed_one_output_and_greedy_unchanged(model):

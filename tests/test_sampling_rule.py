@@ -289,3 +289,18 @@ def test_residual():
     q = torch.tensor([0.2, 0.6, 0.2], dtype=torch.float64)  # (p - q)+ = [0.3, 0, 0]
     assert torch.allclose(residual(p, 1, q), torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
     assert torch.equal(residual(p, 1, p), p)  # nothing left: a rejection had probability 0
+
+
+def test_the_exponential_race_draws_from_p_and_repeats_by_seed_and_position():
+    """PositionNoise.choose is an exact draw from p (chi-square over seeds), never a token p rules
+    out, the same token for the same (seed, position), and a wrong race (p times the noise) fails."""
+    from blockdraft.sampling import PositionNoise
+
+    p = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
+    expected = {(x,): float(p[x]) for x in range(len(p))}
+    draws = [PositionNoise(seed).choose(p, 3) for seed in range(SAMPLES)]
+    assert chi_square_pvalue(Counter((x,) for x in draws), expected)[2] > ALPHA and 2 not in draws
+    assert draws[:50] == [PositionNoise(seed).choose(p, 3) for seed in range(50)]
+    assert draws[:50] != [PositionNoise(seed).choose(p, 4) for seed in range(50)]
+    wrong = [int((p.double() * PositionNoise(seed).exponentials(3, len(p))).argmax()) for seed in range(SAMPLES)]
+    assert chi_square_pvalue(Counter((x,) for x in wrong), expected)[2] < ALPHA

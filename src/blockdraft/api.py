@@ -242,8 +242,9 @@ class Decoder:
         """Generation; `method` names a drafter + refiner (see blockdraft.methods), by default
         the Decoder's own (`fast` unless from_model was given another). The output is the model's
         own: temperature 0 (default) is its greedy decode; temperature > 0 samples from
-        temperature, then top_k, then top_p, as transformers applies them, with drafts verified by
-        speculative sampling (one seed, one output; result.seed repeats an unseeded run).
+        temperature, then top_k, then top_p, as transformers applies them, with drafts verified
+        against the sampled token (one seed, one output for every method: plain sampling's;
+        result.seed repeats an unseeded run).
         stop: a string or strings that end the answer.
 
         system: a system message for chat models (through the chat template). on_text(delta)

@@ -3,9 +3,10 @@
 Each step (Stern et al. 2018, with Kim et al. 2024's refinement stage):
   1. tree    = the pending token + the drafts of the previous step, shared prefixes merged
   2. forward = one target call: logits and hidden state at every tree node
-  3. accept  = the longest tree path that equals the target's greedy choices, plus the
-               target's own next token (bonus or recovered): `committed` tokens; under
-               sampling, speculative sampling over the tree (verify.accept_sampled) instead
+  3. accept  = the longest tree path that equals the target's choices, plus the target's
+               own next token (bonus or recovered): `committed` tokens. The choice is the
+               argmax, or under sampling the token the target samples there from noise fixed
+               per output position (sampling.PositionNoise): the same walk, exact either way
   4. commit  = the cache keeps the path only (invariant: cache length == len(ids) - 1)
   5. draft   = the drafter on the states of the committed nodes -> lattice -> refiner ->
                drafts for the next step (no extra target call); a refiner may add drafts
@@ -23,11 +24,11 @@ import torch
 from .drafting import Drafter
 from .errors import BlockdraftError
 from .refine.base import Refiner
-from .sampling import Sampling
+from .sampling import PositionNoise, Sampling
 from .target import TargetModel
 from .tree import build_tree
 from .types import DecodeResult, Lattice, StepStats
-from .verify import accept_greedy, accept_sampled
+from .verify import accept_greedy
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,10 @@ class DecodeConfig:
 def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: list[int], cfg: DecodeConfig,
              tokenizer=None, on_commit: Callable[[list[int]], None] | None = None) -> DecodeResult:
     """Decoding with block drafts. Greedy: the ids equal the target's own greedy decode. Sampling:
-    the ids are distributed exactly as the target's own samples; drafts count as point masses
-    (q = one-hot), exact for any drafter whose drafts are a function of the committed ids."""
+    the ids equal plain sampling's with the same seed (`NoDrafter`), whatever is drafted, and are
+    distributed exactly as the target's own samples."""
     _check_request(target, prompt, cfg)
-    rng = None if cfg.sampling.greedy else cfg.sampling.generator()
+    noise = None if cfg.sampling.greedy else cfg.sampling.noise()
     prefill_s, prompt_states = target.prefill(prompt[:-1], reserve=len(prompt) + cfg.max_new_tokens,
                                               layers=drafter.layers)
     drafter.begin(prompt_states, prompt)
@@ -59,13 +60,13 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
         #    accepted drafts and the target's own next one), so depth + 1 fits the room left
         room = min(cfg.max_new_tokens - len(out), target.max_positions - len(ids))
         tree = build_tree(ids[-1], [d[:room - 1] for d in drafts], cfg.max_tree_nodes)
-        # 2. one target forward; 3. acceptance (greedy, or speculative sampling)
+        # 2. one target forward; 3. acceptance (the argmax, or the sampled token, at each node)
         t0 = time.perf_counter()
         logits, hidden = target.forward(tree, layers=drafter.layers)
-        if rng is None:
+        if noise is None:
             verdict = accept_greedy(tree, logits.argmax(-1))
         else:
-            verdict = accept_sampled(tree, _RowProbs(logits, cfg.sampling), generator=rng)
+            verdict = accept_greedy(tree, SampledChoices(logits, cfg.sampling, noise, tree.depths, len(out)))
         # 4. commit the accepted path and the target's own next token
         target.commit(tree, verdict.path)
         new = [tree.tokens[n] for n in verdict.path[1:]] + [verdict.next_token]
@@ -94,20 +95,24 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
     text = _final_text(out, cfg, tokenizer)
     return DecodeResult(ids=out, text=text, steps=len(stats), stop_reason=reason, prefill_s=prefill_s,
                         decode_s=time.perf_counter() - began, stats=stats,
-                        seed=None if rng is None else rng.initial_seed())
+                        seed=None if noise is None else noise.seed)
 
 
-class _RowProbs:
-    """The sampling distribution of a tree node, computed when acceptance first reads it: a step
-    reads only the accepted path and the node where it stops, not all N rows of logits [N, V]."""
+class SampledChoices:
+    """The target's sampled token after each tree node, computed when acceptance reads it: a step
+    reads only the accepted path and the node where it stops, not all N rows of logits [N, V].
+    Node n's token is output position `first + depth(n)`, drawn from that position's noise."""
 
-    def __init__(self, logits: torch.Tensor, sampling: Sampling):
-        self.logits, self.sampling, self.rows = logits, sampling, {}
+    def __init__(self, logits: torch.Tensor, sampling: Sampling, noise: PositionNoise, depths: list[int], first: int):
+        self.logits, self.sampling, self.noise, self.depths, self.first = logits, sampling, noise, depths, first
+        noise.forget_before(first)
 
-    def __getitem__(self, node: int) -> torch.Tensor:
-        if node not in self.rows:
-            self.rows[node] = self.sampling.probs(self.logits[node:node + 1])[0]
-        return self.rows[node]
+    def probs(self, node: int) -> torch.Tensor:
+        """The target's sampling distribution after `node` ([V])."""
+        return self.sampling.probs(self.logits[node:node + 1])[0]
+
+    def __getitem__(self, node: int) -> int:
+        return self.noise.choose(self.probs(node), self.first + self.depths[node])
 
 
 def _check_request(target: TargetModel, prompt: list[int], cfg: DecodeConfig) -> None:

@@ -7,8 +7,10 @@ exact tie rules: top-k keeps every token tied with the k-th; top-p keeps the sma
 best tokens whose mass reaches p, and at least one token.
 
 temperature 0 means greedy decoding (the argmax; top-k, top-p and the seed are then unused).
-Randomness comes from one torch.Generator per request, seeded by `seed`: one seed gives one
-output for a given method, dtype and machine, and no process-wide random state is touched.
+Randomness is fixed per output position (`PositionNoise`, seeded by `seed` and the position):
+the token at position i is a function of the distribution there and of (seed, i) only, so one
+seed gives one output for every method and draft shape (at one dtype), and no process-wide
+random state is touched.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 import secrets
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import BlockdraftError
@@ -58,10 +61,41 @@ class Sampling:
         scores = self.warpers()(None, scores)
         return torch.softmax(scores, dim=-1).cpu()
 
-    def generator(self) -> torch.Generator:
-        """A fresh CPU generator seeded by `seed`, or by a fresh seed from the OS (its
-        initial_seed() is then a valid `seed` that repeats the output)."""
-        return torch.Generator().manual_seed(secrets.randbits(63) if self.seed is None else self.seed)
+    def noise(self) -> "PositionNoise":
+        """The noise of one request: seeded by `seed`, or by a fresh seed from the OS (its `seed`
+        is then a valid `seed` that repeats the output)."""
+        return PositionNoise(secrets.randbits(63) if self.seed is None else self.seed)
+
+
+class PositionNoise:
+    """Exponential noise fixed per (seed, output position): the exponential race (Gumbel-max).
+
+    The token at output position i is argmax_v p_i(v) / E_i(v) with E_i(v) ~ Exp(1) i.i.d.:
+    an exact draw from p_i (v wins with probability p_i(v)) that reads nothing but p_i and
+    (seed, i). A draft tree verified against these choices therefore commits the very tokens
+    plain sampling commits with the same seed, whatever was drafted, and the noise of a position
+    a step looked past is the same when a later step reaches it. Example: p = [0, 1, 0] gives 1.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._exponentials: dict[int, torch.Tensor] = {}  # by output position, dropped once committed
+
+    def exponentials(self, position: int, vocab: int) -> torch.Tensor:
+        """E_position ([vocab] float64): a stream of its own per (seed, position)."""
+        if position not in self._exponentials:
+            stream = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, position])))
+            self._exponentials[position] = torch.from_numpy(stream.standard_exponential(vocab))
+        return self._exponentials[position]
+
+    def choose(self, probs: torch.Tensor, position: int) -> int:
+        """The sampled token at output `position` for the distribution `probs` ([V])."""
+        return int((probs.double() / self.exponentials(position, probs.shape[-1])).argmax())
+
+    def forget_before(self, position: int) -> None:
+        """Drop the noise of positions below `position` (committed: never read again)."""
+        for old in [p for p in self._exponentials if p < position]:
+            del self._exponentials[old]
 
 
 def parse_sampling(temperature: object = 0.0, top_k: object = 0, top_p: object = 1.0,

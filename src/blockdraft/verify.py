@@ -19,14 +19,15 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def accept_greedy(tree: TokenTree, target_tokens: torch.Tensor | list[int]) -> Verdict:
-    """Longest path whose every token equals the target's greedy choice at its parent.
+def accept_greedy(tree: TokenTree, target_tokens: torch.Tensor | Sequence[int]) -> Verdict:
+    """Longest path whose every token equals the target's choice at its parent.
 
-    target_tokens[n] is the target's argmax after node n ([N]). Example: tree
+    target_tokens[n] is the target's choice after node n: its argmax ([N]), or under sampling
+    anything indexable by node that draws the sampled token (read along the path only). Example: tree
     [root, a, b, d(parent a)] with target argmax [a, d, x, y] accepts root -> a -> d and the
     target's own next token after d is y: Verdict(path=[0, 1, 3], next_token=y).
     """
-    choice = target_tokens.tolist() if isinstance(target_tokens, torch.Tensor) else list(target_tokens)
+    choice = target_tokens.tolist() if isinstance(target_tokens, torch.Tensor) else target_tokens
     children = tree.children()
     path = [0]
     while (child := children[path[-1]].get(choice[path[-1]])) is not None:
@@ -49,7 +50,9 @@ def accept_sampled(tree: TokenTree, target_probs: torch.Tensor | Sequence[torch.
     min(1, p(x) / q(x)); a rejection replaces p by the residual norm((p - q)+), which for a
     point mass is p with x removed. The first accepted child becomes the node (p = its target
     distribution); when every child is rejected, the next token is drawn from the current p.
-    Each stage outputs its p exactly, so the node does (docs/sampling.md has the proof).
+    Each stage outputs its p exactly, so the node does. The engine's drafts are point masses and
+    it walks `accept_greedy` with sampled choices instead (the same acceptance probability, and
+    the output does not depend on the drafts); this rule serves drafts drawn from a q.
     Example: one point-mass child x under p = [0.5 (x), 0.3, 0.2]: x with probability 0.5, else
     the next token from [0, 0.6, 0.4].
     """

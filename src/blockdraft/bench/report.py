@@ -2,8 +2,8 @@
 
 Per method and category: block efficiency = new tokens / steps (base-model calls that commit
 tokens), tokens/s, speed-up = sum of ar's seconds / sum of the method's seconds over the same
-prompt-turns (under sampling, where answers differ in length: the ratio of tokens/s), and
-lossless rate = share of prompt-turns whose ids equal ar's (greedy decoding only). Beside them,
+prompt-turns, and lossless rate = share of prompt-turns whose ids equal ar's (under sampling
+too: every method samples ar's tokens with the same seed). Beside them,
 Spec-Bench's own "#Mean accepted tokens" and speed-up as its evaluation/speed.py computes
 them from the answer files (blockdraft.bench.specbench), for comparison with published tables.
 """
@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 BASELINE = "ar"
 
 
-def _summary(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> dict:
-    """The metrics of one method over some prompt-turns (ar: the baseline's records by key; the
-    lossless rate compares ids only under greedy decoding, where they must be equal)."""
+def _summary(rows: list["TurnRecord"], ar: dict | None) -> dict:
+    """The metrics of one method over some prompt-turns (ar: the baseline's records by key)."""
     new, steps, seconds = sum(len(r.ids) for r in rows), sum(r.steps for r in rows), sum(r.seconds for r in rows)
     ours = all(r.accepted is not None for r in rows)
     base = [ar[(r.question_id, r.turn)] for r in rows] if ar is not None else None
@@ -36,8 +35,8 @@ def _summary(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> 
         "new_tokens": new, "steps": steps, "seconds": seconds,
         "block_efficiency": new / steps if steps else None,
         "tokens_per_s": new / seconds if seconds else None,
-        "speedup_vs_ar": _speedup(rows, base, greedy) if base and seconds else None,
-        "lossless_rate": fmean(r.ids == b.ids for r, b in zip(rows, base)) if base and greedy else None,
+        "speedup_vs_ar": sum(b.seconds for b in base) / seconds if base and seconds else None,
+        "lossless_rate": fmean(r.ids == b.ids for r, b in zip(rows, base)) if base else None,
         "mean_accepted": fmean(a for r in rows for a in r.accepted) if ours and steps else None,
         "ttft_s": fmean(r.ttft_s for r in rows) if rows and all(r.ttft_s is not None for r in rows) else None,
         "forward_seconds": sum(r.forward_s for r in rows) if ours else None,
@@ -45,20 +44,11 @@ def _summary(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> 
     }
 
 
-def _speedup(rows: list["TurnRecord"], base: list["TurnRecord"], greedy: bool) -> float | None:
-    """ar's time over the method's for the same prompt-turns; under sampling the two answers differ
-    in length, so the ratio of tokens per second instead."""
-    if greedy:
-        return sum(b.seconds for b in base) / sum(r.seconds for r in rows)
-    ar_rate = sum(len(b.ids) for b in base) / sum(b.seconds for b in base)
-    return sum(len(r.ids) for r in rows) / sum(r.seconds for r in rows) / ar_rate if ar_rate else None
-
-
-def _by_category(rows: list["TurnRecord"], ar: dict | None, greedy: bool = True) -> dict:
+def _by_category(rows: list["TurnRecord"], ar: dict | None) -> dict:
     """Fine categories in order of appearance, then the groups (mt_bench) that occur."""
     keys = list(dict.fromkeys(r.category for r in rows))
     keys += [g for g in GROUPS if any(group_of(k) == g for k in keys)]
-    return {k: _summary([r for r in rows if k in (r.category, group_of(r.category))], ar, greedy) for k in keys}
+    return {k: _summary([r for r in rows if k in (r.category, group_of(r.category))], ar) for k in keys}
 
 
 def _spec_bench(rows: list["TurnRecord"], base_rows: list["TurnRecord"] | None, count_tokens) -> dict:
@@ -79,10 +69,10 @@ def build(records: list["TurnRecord"], methods: list[str], memory: dict, environ
     ar = {(r.question_id, r.turn): r for r in records if r.method == BASELINE} if BASELINE in methods else None
     spec_base = specbench.baseline(methods)
     base_rows = [r for r in records if r.method == spec_base] if spec_base else None
-    per_method, greedy = {}, not config.get("sampling")
+    per_method = {}
     for name in methods:
         rows = [r for r in records if r.method == name]
-        per_method[name] = {"overall": _summary(rows, ar, greedy), "by_category": _by_category(rows, ar, greedy),
+        per_method[name] = {"overall": _summary(rows, ar), "by_category": _by_category(rows, ar),
                             "spec_bench": _spec_bench(rows, base_rows, count_tokens),
                             "added_memory_mb": memory[name]["added_memory_mb"], "memory": memory[name],
                             "failed_turns": [{"question_id": r.question_id, "turn": r.turn, "error": r.error}
@@ -135,7 +125,7 @@ def markdown(results: dict) -> str:
     if cfg.get("sampling"):
         sampling = cfg["sampling"]
         lines.append(f"- sampling: temperature {sampling['temperature']}, top-k {sampling['top_k']}, top-p "
-                     f"{sampling['top_p']}, seed {sampling['seed']} for every turn (outputs are random: no lossless column; "
+                     f"{sampling['top_p']}, seed {sampling['seed']} for every turn (lossless: the ids equal ar's with that seed; "
                      "tests/test_sampling_engine.py checks the distribution)")
     lines += [f"- skipped {name}: {why}" for name, why in cfg["skipped"].items()]
     for m in methods:

@@ -422,7 +422,7 @@ def run_bench(decoder: Decoder, questions: list[dict], methods: list[str] | str,
     question: resume=True continues a stopped run of the same command; max_minutes stops after
     the question that passes the budget, and the report covers the questions measured. Under
     sampling (temperature > 0) every turn samples from sampling.seed (0 when none is given), the
-    peers are skipped, and the lossless rate is not reported (outputs are random).
+    peers are skipped, and the lossless rate compares with ar's samples (the same seed, the same ids).
     own_process: how `decoder` was loaded (blockdraft.load's model, heads, eagle, dtype, device,
     and threads); each method's peak resident memory is then measured after the run, each in a
     process of its own (bench.memory), on the first question's first turn."""
