@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 KEY_BLOCK = 64  # bfloat16 attention reduces over key counts rounded up to this
-LAYOUT = "per-path, own key count"  # how tree rows get their layout (cost curves measured under another are stale)
+LAYOUT = "per-path, own key count, cache copied then tail gathered"  # how tree rows get their layout (cost curves measured under another are stale)
 
 
 FLOAT32_TOKENS = 16  # tokens' rows per float32 product, at most (what cache_dtype probes)
@@ -92,15 +92,17 @@ class PathLayout:
 
     Rows are reordered by `order` so that each path's rows are one slice; `paths` holds each
     slice's bounds, its path's tree nodes in depth order, and whether those nodes already sit in
-    cache order (a chain); `columns` [N, width] names the key each reordered row reads at each
-    place of its plain-decoding layout, `visible` [N, width] is False on the padding;
-    `reach` holds each reordered row's own padded key count (what plain decoding reduces over)."""
+    cache order (a chain). Every row reads the cache first, in order; `tail` [1, 1, N, 1, width -
+    cache] names the call's own key each reordered row reads at each later place of its
+    plain-decoding layout, and `hidden` (same shape) is True on the padding. `reach` holds each
+    reordered row's own padded key count (what plain decoding reduces over). The shapes
+    broadcast over a call's key heads and query groups, so no layer rebuilds them."""
 
-    order: torch.Tensor
-    restore: torch.Tensor  # inverse of order
+    order: torch.Tensor | None  # None: the rows are in path order already
+    restore: torch.Tensor | None  # inverse of order
     paths: tuple[tuple[int, int, torch.Tensor, bool], ...]
-    columns: torch.Tensor
-    visible: torch.Tensor
+    tail: torch.Tensor
+    hidden: torch.Tensor
     width: int
     reach: tuple[int, ...]
 
@@ -131,17 +133,19 @@ def path_layout(allowed: torch.Tensor, valid: int) -> PathLayout | None:
             paths.append((start, start + count, nodes[path], chain))
         start += count
     width = padded_keys(past + int(depth.max()))
-    place = torch.arange(width)
     row_nodes = torch.zeros(n, n, dtype=torch.long)  # each row's path nodes, in depth order
     for row, path in enumerate(owner.tolist()):
         row_nodes[row, : len(nodes[path])] = nodes[path]
-    tree_place = (place - past).clamp(0, n - 1).expand(n, width)
-    columns = torch.where(place < past, place, past + row_nodes.gather(1, tree_place))
-    visible = place[None, :] < (past + depth)[:, None]
+    place = torch.arange(width - past)  # places after the cache
+    hidden = place[None, :] >= depth[:, None]
+    tail_place = place.clamp(max=n - 1).expand(n, width - past)
     restore = torch.empty_like(order)
     restore[order] = torch.arange(n)
     reach = tuple(padded_keys(past + count) for count in depth[order].tolist())
-    return PathLayout(order, restore, tuple(paths), columns.masked_fill(~visible, 0)[order], visible[order], width, reach)
+    shaped = lambda x: x[order][None, None, :, None, :]  # noqa: E731
+    in_order = bool(torch.equal(order, torch.arange(n)))
+    return PathLayout(None if in_order else order, None if in_order else restore, tuple(paths),
+                      shaped(row_nodes.gather(1, tail_place).masked_fill(hidden, 0)), shaped(hidden), width, reach)
 
 
 def row_exact_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor | None,
@@ -192,11 +196,15 @@ def _by_path(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: 
     g, past = h // kv, valid - n
     values = _pad_keys(values, max(width, values.shape[2]))  # a short tensor (not a cache view) is copied
     step = rows_per_product(g, values.dtype)
-    rows = q.view(b, kv, g, n, d)[:, :, :, layout.order].transpose(2, 3).reshape(b, kv, n * g, d)
+    rows = q.view(b, kv, g, n, d)
+    rows = (rows if layout.order is None else rows[:, :, :, layout.order]).transpose(2, 3).reshape(b, kv, n * g, d)
     scores = _scores(rows, keys[:, :, :valid], g * (n if values.dtype == torch.bfloat16 else step))
     scores = scores.float().view(b, kv, n, g, valid)
-    scores = scores.gather(-1, layout.columns[None, None, :, None, :].expand(b, kv, n, g, width)) * scale
-    probs = scores.masked_fill_(~layout.visible[None, None, :, None, :], float("-inf")).softmax(-1).to(values.dtype)
+    laid = scores.new_empty(b, kv, n, g, width)  # each row's scores in its plain-decoding layout
+    laid[..., :past] = scores[..., :past]
+    laid[..., past:] = scores[..., past:].gather(-1, layout.tail.expand(b, kv, n, g, width - past)) \
+        .masked_fill_(layout.hidden, float("-inf"))
+    probs = laid.mul_(scale).softmax(-1).to(values.dtype)
     out = torch.empty(b, kv, n, g, d, dtype=values.dtype)
     own = None  # the call's own values, while the cache holds another path's nodes
     for start, stop, nodes, chain in layout.paths:
@@ -209,7 +217,8 @@ def _by_path(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layout: 
             out[:, :, first:last] = (path_probs @ values[:, :, :reach]).view(b, kv, last - first, g, d)
     if own is not None:
         values[:, :, past:valid] = own
-    return out[:, :, layout.restore].transpose(2, 3).reshape(b, h, n, d)
+    out = out if layout.restore is None else out[:, :, layout.restore]
+    return out.transpose(2, 3).reshape(b, h, n, d)
 
 
 def _runs(reach: tuple[int, ...], start: int, stop: int, step: int) -> list[tuple[int, int]]:
