@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from blockdraft.eagle.drafter import EagleDrafter
+from blockdraft.eagle.drafter import EagleDrafter, GrownTree
 from blockdraft.refine.ngram import NgramLM
 from blockdraft.sizing import profitable_nodes
 from blockdraft.types import DraftTree
@@ -46,8 +46,7 @@ class NgramEagleDrafter(EagleDrafter):
         ranks: list[float] = []  # draft + alpha * n-gram log-probs: what orders the nodes
         logps: list[float] = []  # draft log-probs alone: the chances the tree is sized by
         outs, expanding = root_out[None], [-1]
-        keys = values = None
-        slots: dict[int, list[int]] = {-1: []}
+        grown = GrownTree()
         for d in range(1, self.depth + 1):
             top = torch.log_softmax(layer.logits(outs).float(), -1).topk(self.branch, -1)
             children = layer.target_ids(top.indices).tolist()
@@ -66,19 +65,8 @@ class NgramEagleDrafter(EagleDrafter):
             if d == self.depth:
                 break
             pick = sorted(new, key=lambda i: (-ranks[i], i))[: self.beam]
-            g = outs[torch.tensor([expanding.index(parents[i]) for i in pick])][None]
-            emb = self.embed[torch.tensor([paths[i][-1] for i in pick])].to(self.dtype)[None]
-            m = 0 if keys is None else keys.shape[2]
-            allowed = torch.zeros(len(pick), self.length + m + len(pick), dtype=torch.bool)
-            allowed[:, : self.length] = True
-            for r, i in enumerate(pick):
-                slots[i] = slots[parents[i]] + [m + r]
-                allowed[r, [self.length + s for s in slots[i]]] = True
-            past = (self.keys, self.values) if keys is None else (torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2))
-            positions = torch.full((len(pick),), self.length - 1 + d)
-            outs, k, v = layer(g, emb, positions, past, allowed)
-            outs = outs[0]
-            keys, values = (k, v) if keys is None else (torch.cat([keys, k], 2), torch.cat([values, v], 2))
+            outs = self.expand(grown, outs[torch.tensor([expanding.index(parents[i]) for i in pick])], pick,
+                               [parents[i] for i in pick], [paths[i][-1] for i in pick], d)
             expanding = pick
         order = sorted(range(len(paths)), key=lambda i: (-ranks[i], i))[: self.max_nodes]
         chances = sorted((math.exp(logps[i]) for i in order), reverse=True)
@@ -94,27 +82,25 @@ class NgramEagleDrafter(EagleDrafter):
 def run(per_category: int, alphas: list[float], threads: int, max_new_tokens: int) -> dict[float, tuple[int, int]]:
     """(new tokens, target calls) per alpha over the first turns; every variant's ids equal alpha 0's."""
     import blockdraft
-    from blockdraft import methods
     from blockdraft.bench.datasets import domain_of, load_questions
+    from blockdraft.engine import DecodeConfig, generate
 
     torch.set_num_threads(threads)
     dec = blockdraft.load()
     lm = dec.ngram()
+    parts = dec.parts(dec.spec("eagle"))
+    cfg = DecodeConfig(max_new_tokens=max_new_tokens, stop_ids=dec.stop_ids())
     totals = {a: (0, 0) for a in alphas}
-    shipped = methods.DRAFTERS["eagle"]
-    try:
-        for q in load_questions(per_category=per_category):
-            reference = None
-            for a in alphas:
-                methods.DRAFTERS["eagle"] = lambda spec, parts, record, a=a: NgramEagleDrafter(
-                    parts.require("eagle"), parts.require("embed"), cost=parts.require("cost"), lm=lm, alpha=a)
-                r = dec.generate(q["turns"][0], method="eagle", max_new_tokens=max_new_tokens, domain=domain_of(q["category"]))
-                reference = reference if reference is not None else r.ids
-                if r.ids != reference:
-                    raise AssertionError(f"alpha {a} changed the output of question {q['question_id']}")
-                totals[a] = (totals[a][0] + r.new_tokens, totals[a][1] + r.steps)
-    finally:
-        methods.DRAFTERS["eagle"] = shipped
+    for q in load_questions(per_category=per_category):
+        reference = None
+        for a in alphas:
+            drafter = NgramEagleDrafter(parts.eagle, parts.embed, cost=parts.cost, lm=lm, alpha=a)
+            _, refiner = dec.build("eagle", domain=domain_of(q["category"]))  # eagle's own refiner
+            r = generate(dec.target, drafter, refiner, dec.encode(q["turns"][0]), cfg, dec.tokenizer)
+            reference = reference if reference is not None else r.ids
+            if r.ids != reference:
+                raise AssertionError(f"alpha {a} changed the output of question {q['question_id']}")
+            totals[a] = (totals[a][0] + r.new_tokens, totals[a][1] + r.steps)
     return totals
 
 

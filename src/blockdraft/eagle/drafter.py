@@ -76,8 +76,7 @@ class EagleDrafter:
         scores: list[float] = []
         outs = root_out[None]  # the outputs of the nodes being expanded (first: the root)
         expanding = [-1]
-        tree_keys = tree_values = None  # keys of expanded nodes [1, KV, M, D], in expansion order
-        slots: dict[int, list[int]] = {-1: []}  # an expanded node -> the key slots its row attends to
+        grown = GrownTree()
         for d in range(1, self.depth + 1):
             logp = torch.log_softmax(layer.logits(outs).float(), -1)  # [F, V']
             top = logp.topk(min(self.branch, logp.shape[-1]), -1)
@@ -92,23 +91,30 @@ class EagleDrafter:
             # expand the likeliest new nodes, all in one call
             pick = sorted(range(first, len(tokens)), key=lambda i: (-scores[i], i))[: self.beam]
             rows = [expanding.index(parents[i]) for i in pick]
-            g = outs[torch.tensor(rows)][None]
-            emb = self.embed[torch.tensor([tokens[i] for i in pick], device=self.embed.device)].to(self.dtype)[None]
-            positions = torch.full((len(pick),), self.length - 1 + d)
-            m = 0 if tree_keys is None else tree_keys.shape[2]
-            allowed = torch.zeros(len(pick), self.length + m + len(pick), dtype=torch.bool)
-            allowed[:, : self.length] = True
-            for r, i in enumerate(pick):
-                slots[i] = slots[parents[i]] + [m + r]
-                allowed[r, [self.length + slot for slot in slots[i]]] = True
-            past_k = self.keys if tree_keys is None else torch.cat([self.keys, tree_keys], 2)
-            past_v = self.values if tree_values is None else torch.cat([self.values, tree_values], 2)
-            outs, k, v = layer(g, emb, positions, (past_k, past_v), allowed)
-            outs = outs[0]
-            tree_keys = k if tree_keys is None else torch.cat([tree_keys, k], 2)
-            tree_values = v if tree_values is None else torch.cat([tree_values, v], 2)
+            outs = self.expand(grown, outs[torch.tensor(rows)], pick, [parents[i] for i in pick],
+                               [tokens[i] for i in pick], d)
             expanding = pick
         return self._select(tokens, parents, scores)
+
+    def expand(self, grown: "GrownTree", features: torch.Tensor, nodes: list[int], parents: list[int],
+               tokens: list[int], depth: int) -> torch.Tensor:
+        """One layer call over the nodes a level expands: node r reads `features[r]` (its parent's
+        output) and its own token, at the position `depth` past the committed text, attending to
+        the committed positions and to its ancestors in `grown` (-1: the root, which has none).
+        Records the nodes' keys in `grown`; returns their outputs [len(nodes), H]."""
+        m = grown.size
+        allowed = torch.zeros(len(nodes), self.length + m + len(nodes), dtype=torch.bool)
+        allowed[:, : self.length] = True
+        for r, (node, parent) in enumerate(zip(nodes, parents)):
+            grown.slots[node] = grown.slots[parent] + [m + r]
+            allowed[r, [self.length + slot for slot in grown.slots[node]]] = True
+        emb = self.embed[torch.tensor(tokens, device=self.embed.device)].to(self.dtype)[None]
+        positions = torch.full((len(nodes),), self.length - 1 + depth)
+        past = (self.keys, self.values) if grown.keys is None else \
+            (torch.cat([self.keys, grown.keys], 2), torch.cat([self.values, grown.values], 2))
+        outs, k, v = self.layer(features[None], emb, positions, past, allowed)
+        grown.append(k, v)
+        return outs[0]
 
     def _deeper_pays(self, scores: list[float], best_new: float) -> bool:
         """Whether a deeper level could change the drafts. A deeper node is never likelier than the
@@ -146,3 +152,22 @@ class EagleDrafter:
             paths.append(path[::-1])
             path_scores.append(scores[leaf])
         return DraftTree(paths, path_scores)
+
+
+class GrownTree:
+    """The layer's keys and values for the nodes a tree expanded so far ([1, KV, M, D], in
+    expansion order), and the key slots each expanded node's row attends to (its ancestors' and
+    its own; the root, -1, has none)."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.slots: dict[int, list[int]] = {-1: []}
+
+    @property
+    def size(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], 2)
+        self.values = values if self.values is None else torch.cat([self.values, values], 2)
