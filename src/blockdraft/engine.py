@@ -99,20 +99,23 @@ def generate(target: TargetModel, drafter: Drafter, refiner: Refiner, prompt: li
 
 
 class SampledChoices:
-    """The target's sampled token after each tree node, computed when acceptance reads it: a step
-    reads only the accepted path and the node where it stops, not all N rows of logits [N, V].
-    Node n's token is output position `first + depth(n)`, drawn from that position's noise."""
+    """The target's sampled token after each tree node, computed once when acceptance first reads
+    it: a step reads only the accepted path and the node where it stops (twice: the walk ends
+    there and takes its token), not all N rows of logits [N, V]. Node n's token is output
+    position `first + depth(n)`, drawn from that position's noise."""
 
     def __init__(self, logits: torch.Tensor, sampling: Sampling, noise: PositionNoise, depths: list[int], first: int):
         self.logits, self.sampling, self.noise, self.depths, self.first = logits, sampling, noise, depths, first
-        noise.forget_before(first)
+        self.tokens: dict[int, int] = {}
 
     def probs(self, node: int) -> torch.Tensor:
         """The target's sampling distribution after `node` ([V])."""
         return self.sampling.probs(self.logits[node:node + 1])[0]
 
     def __getitem__(self, node: int) -> int:
-        return self.noise.choose(self.probs(node), self.first + self.depths[node])
+        if node not in self.tokens:
+            self.tokens[node] = self.noise.choose(self.probs(node), self.first + self.depths[node])
+        return self.tokens[node]
 
 
 def _check_request(target: TargetModel, prompt: list[int], cfg: DecodeConfig) -> None:

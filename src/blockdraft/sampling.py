@@ -79,23 +79,15 @@ class PositionNoise:
 
     def __init__(self, seed: int):
         self.seed = seed
-        self._exponentials: dict[int, torch.Tensor] = {}  # by output position, dropped once committed
 
     def exponentials(self, position: int, vocab: int) -> torch.Tensor:
         """E_position ([vocab] float64): a stream of its own per (seed, position)."""
-        if position not in self._exponentials:
-            stream = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, position])))
-            self._exponentials[position] = torch.from_numpy(stream.standard_exponential(vocab))
-        return self._exponentials[position]
+        stream = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, position])))
+        return torch.from_numpy(stream.standard_exponential(vocab))
 
     def choose(self, probs: torch.Tensor, position: int) -> int:
         """The sampled token at output `position` for the distribution `probs` ([V])."""
         return int((probs.double() / self.exponentials(position, probs.shape[-1])).argmax())
-
-    def forget_before(self, position: int) -> None:
-        """Drop the noise of positions below `position` (committed: never read again)."""
-        for old in [p for p in self._exponentials if p < position]:
-            del self._exponentials[old]
 
 
 def parse_sampling(temperature: object = 0.0, top_k: object = 0, top_p: object = 1.0,
