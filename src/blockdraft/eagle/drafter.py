@@ -32,7 +32,10 @@ class EagleDrafter:
         self.layer, self.embed, self.cost = layer, embed, cost
         self.layers: tuple[int, ...] | None = tuple(layer.config.target_layers)
         self.max_nodes, self.depth, self.branch, self.beam = max_nodes, depth, branch, beam
-        self.keys = self.values = None  # [1, KV, committed positions, D]
+        # the layer's keys and values [1, KV, capacity, D]: `length` committed positions, then
+        # the nodes of the tree being grown (scratch, overwritten by the next step's positions)
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
         self.length = 0
 
     @property
@@ -43,7 +46,6 @@ class EagleDrafter:
     def begin(self, states: torch.Tensor | None, prompt: list[int]) -> None:
         """Take in the prompt's positions (all but the pending last token): position s reads the
         target's features at s and the token x[s+1]."""
-        self.keys = self.values = None
         self.length = 0
         if states is not None and len(states):
             self._extend(states, prompt[1: len(states) + 1])
@@ -61,12 +63,22 @@ class EagleDrafter:
         g = self.layer.fuse(states.to(self.dtype))[None]
         emb = self.embed[torch.tensor(next_tokens, device=self.embed.device)].to(self.dtype)[None]
         positions = torch.arange(self.length, self.length + n)
-        past = None if self.keys is None else (self.keys, self.values)
-        out, k, v = self.layer(g, emb, positions, past, None)
-        self.keys = k if self.keys is None else torch.cat([self.keys, k], 2)
-        self.values = v if self.values is None else torch.cat([self.values, v], 2)
+        out, _, _ = self.layer(g, emb, positions, None, None, into=self._places(self.length + n))
         self.length += n
         return out[0, -1]
+
+    def _places(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the first `end` places of the keys and values, grown (doubling, the filled
+        places copied once) when they hold fewer: each call then writes only its own keys."""
+        held = 0 if self.keys is None else self.keys.shape[2]
+        if held < end:
+            c = self.layer.config
+            shape = (1, c.num_key_value_heads, max(256, end, 2 * held), c.head_dim)
+            keys, values = (torch.zeros(shape, dtype=self.dtype, device=self.embed.device) for _ in range(2))
+            if self.keys is not None:
+                keys[:, :, :held], values[:, :, :held] = self.keys, self.values
+            self.keys, self.values = keys, values
+        return self.keys[:, :, :end], self.values[:, :, :end]
 
     def _tree(self, root_out: torch.Tensor) -> DraftTree | None:
         layer = self.layer
@@ -101,7 +113,8 @@ class EagleDrafter:
         """One layer call over the nodes a level expands: node r reads `features[r]` (its parent's
         output) and its own token, at the position `depth` past the committed text, attending to
         the committed positions and to its ancestors in `grown` (-1: the root, which has none).
-        Records the nodes' keys in `grown`; returns their outputs [len(nodes), H]."""
+        Their keys go right after the tree's earlier ones (`grown` counts them); returns their
+        outputs [len(nodes), H]."""
         m = grown.size
         allowed = torch.zeros(len(nodes), self.length + m + len(nodes), dtype=torch.bool)
         allowed[:, : self.length] = True
@@ -110,10 +123,9 @@ class EagleDrafter:
             allowed[r, [self.length + slot for slot in grown.slots[node]]] = True
         emb = self.embed[torch.tensor(tokens, device=self.embed.device)].to(self.dtype)[None]
         positions = torch.full((len(nodes),), self.length - 1 + depth)
-        past = (self.keys, self.values) if grown.keys is None else \
-            (torch.cat([self.keys, grown.keys], 2), torch.cat([self.values, grown.values], 2))
-        outs, k, v = self.layer(features[None], emb, positions, past, allowed)
-        grown.append(k, v)
+        outs, _, _ = self.layer(features[None], emb, positions, None, allowed,
+                                into=self._places(self.length + m + len(nodes)))
+        grown.size += len(nodes)
         return outs[0]
 
     def _deeper_pays(self, scores: list[float], best_new: float) -> bool:
@@ -155,19 +167,10 @@ class EagleDrafter:
 
 
 class GrownTree:
-    """The layer's keys and values for the nodes a tree expanded so far ([1, KV, M, D], in
-    expansion order), and the key slots each expanded node's row attends to (its ancestors' and
-    its own; the root, -1, has none)."""
+    """The nodes a tree expanded so far: how many (their keys and values follow the committed
+    positions' in the drafter's cache, in expansion order) and the key slots each expanded node's
+    row attends to (its ancestors' and its own; the root, -1, has none)."""
 
     def __init__(self):
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.size = 0
         self.slots: dict[int, list[int]] = {-1: []}
-
-    @property
-    def size(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys = keys if self.keys is None else torch.cat([self.keys, keys], 2)
-        self.values = values if self.values is None else torch.cat([self.values, values], 2)

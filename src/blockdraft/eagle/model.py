@@ -104,11 +104,15 @@ class EagleLayer(nn.Module):
         return self.fc(features.to(self.fc.weight.dtype))
 
     def forward(self, g: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-                past: tuple[torch.Tensor, torch.Tensor] | None, allowed: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                past: tuple[torch.Tensor, torch.Tensor] | None, allowed: torch.Tensor | None,
+                into: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """g, embeds [B, T, H] at `positions` [T] -> output [B, T, H] and this call's keys, values
         [B, KV, T, D]. Queries attend to `past` (keys, values [B, KV, P, D]) then to this call's
-        keys, as `allowed` [T, P + T] says (None: causal over past + these)."""
+        keys, as `allowed` [T, P + T] says (None: causal over past + these).
+
+        into: instead of `past`, views (keys, values) [B, KV, P + T, D] of a cache whose first P
+        places hold the past: this call's keys and values are written into the last T, and the
+        past is read where it lies (drafting; `past` concatenates, a copy of the past per call)."""
         b, t, _ = g.shape
         c = self.config
         heads, kv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -121,10 +125,15 @@ class EagleLayer(nn.Module):
         qk = _rotate(qk.view(b, t, heads + kv, d).transpose(1, 2), *self._rotary(positions, x.device))
         q, k = qk[:, :heads], qk[:, heads:]
         v = v.view(b, t, kv, d).transpose(1, 2)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        causal = allowed is None and past is None and t > 1
-        if allowed is None and past is not None and t > 1:
-            allowed = torch.ones(t, keys.shape[2], dtype=torch.bool, device=g.device).tril(keys.shape[2] - t)
+        if into is not None:
+            keys, values = into
+            keys[:, :, -t:], values[:, :, -t:] = k, v
+        else:
+            keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        earlier = keys.shape[2] - t
+        causal = allowed is None and earlier == 0 and t > 1
+        if allowed is None and earlier > 0 and t > 1:
+            allowed = torch.ones(t, keys.shape[2], dtype=torch.bool, device=g.device).tril(earlier)
         a = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, is_causal=causal, enable_gqa=True)
         h = g + self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
         m = self.post_attention_layernorm(h)
