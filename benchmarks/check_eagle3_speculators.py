@@ -45,7 +45,7 @@ print(json.dumps({"positions": len(probe["next_ids"]), "same_draft_token": same,
 
 def main() -> None:
     import blockdraft
-    from blockdraft.export import export_eagle3
+    from blockdraft.export import export_eagle3, exported_eagle
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="folder for the packages, the export and the probe")
@@ -56,7 +56,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site),
                         *PACKAGES], check=True)
     dec = blockdraft.load(eagle=args.eagle)
-    layer, model = dec.eagle().float(), dec.loaded.model
+    layer, model = exported_eagle(dec), dec.loaded.model
     export = args.work / "export"
     if export.exists():
         for f in export.iterdir():

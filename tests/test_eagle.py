@@ -345,3 +345,24 @@ def test_fusing_q_k_v_for_drafting_keeps_the_layers_outputs_and_refuses_saving(t
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="fused for drafting"):
         save_eagle(fused, tmp_path / "fused")
+
+
+def test_the_decoders_drafter_exports_as_trained_though_it_drafts_fused(tmp_path):
+    """A Decoder fuses its eagle layer's q|k|v for drafting; the export reads the folder's
+    weights, so the eagle3 layout keeps the three projections, equal to the saved ones."""
+    from safetensors.torch import load_file
+
+    from blockdraft.eagle.model import save_eagle
+    from blockdraft.export import export_eagle3, exported_eagle
+    from blockdraft.testing import tiny_decoder
+
+    dec = tiny_decoder(3)
+    dec.loaded.model.float()
+    saved = random_eagle(dec.loaded.model, 3)
+    dec.use_eagle(save_eagle(saved, tmp_path / "eagle"))
+    assert dec.eagle().qkv is not None
+    export_eagle3(exported_eagle(dec), dec.loaded.model, tmp_path / "e3", "tiny/verifier")
+    tensors = load_file(str(tmp_path / "e3" / "model.safetensors"))
+    for name in ("q_proj", "k_proj", "v_proj"):
+        torch.testing.assert_close(tensors[f"layers.0.self_attn.{name}.weight"].float(),
+                                   getattr(saved, name).weight.half().float(), rtol=0, atol=0)

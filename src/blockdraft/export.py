@@ -30,10 +30,12 @@ FORMATS = ("eagle3", "medusa")
 
 def exported_eagle(decoder, feature_norm: str = "as-trained") -> EagleLayer:
     """The decoder's eagle layer as the eagle3 export writes it: checked against the decoder's
-    model, and with feature_norm "one" its per-layer feature norms merged into one (the layout
-    llama.cpp's converter reads; blockdraft.eagle.model.one_feature_norm)."""
-    layer = decoder.eagle()
-    return one_feature_norm(load_eagle(decoder.eagle_path)) if feature_norm == "one" else layer
+    model, read from its folder as trained (the decoder's own copy is fused for drafting), and
+    with feature_norm "one" its per-layer feature norms merged into one (the layout llama.cpp's
+    converter reads; blockdraft.eagle.model.one_feature_norm)."""
+    decoder.eagle()  # one line when the folder is broken or made for another model
+    layer = load_eagle(decoder.eagle_path)
+    return one_feature_norm(layer) if feature_norm == "one" else layer
 
 
 def export_eagle3(layer: EagleLayer, model: torch.nn.Module, out: Path, verifier: str) -> Path:
