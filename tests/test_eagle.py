@@ -366,3 +366,22 @@ def test_the_decoders_drafter_exports_as_trained_though_it_drafts_fused(tmp_path
     for name in ("q_proj", "k_proj", "v_proj"):
         torch.testing.assert_close(tensors[f"layers.0.self_attn.{name}.weight"].float(),
                                    getattr(saved, name).weight.half().float(), rtol=0, atol=0)
+
+
+def test_a_drafting_cache_that_grows_keeps_what_it_held():
+    """The drafter's cache starts small and grows by copying: a prompt taken in at once and one
+    taken in as a short prefill plus a long committed block (which outgrows the first size)
+    draft the same tree."""
+    model = tiny_llama(1, torch.float64, layers=4)
+    layer = random_eagle(model, 4, draft_vocab=40).double()
+    embed = model.get_input_embeddings().weight
+    torch.manual_seed(2)
+    feats = torch.randn(302, 3 * 32, dtype=torch.float64)
+    ids = torch.randint(0, 64, (303,)).tolist()
+    at_once = EagleDrafter(layer, embed, max_nodes=20, depth=3, branch=3, beam=3)
+    at_once.begin(feats[:300], ids[:301])
+    grown = EagleDrafter(layer, embed, max_nodes=20, depth=3, branch=3, beam=3)
+    grown.begin(feats[:20], ids[:21])
+    grown.propose(feats[20:300], ids[:301])  # 280 committed rows: past the cache's first 256 places
+    a, b = at_once.propose(feats[300:302], ids), grown.propose(feats[300:302], ids)
+    assert a.paths == b.paths and a.scores == pytest.approx(b.scores, abs=1e-9)

@@ -68,12 +68,12 @@ class EagleDrafter:
         return out[0, -1]
 
     def _places(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the first `end` places of the keys and values, grown (doubling, the filled
-        places copied once) when they hold fewer: each call then writes only its own keys."""
+        """Views of the first `end` places of the keys and values, grown to twice `end` (the
+        filled places copied once) when they hold fewer: each call then writes only its own keys."""
         held = 0 if self.keys is None else self.keys.shape[2]
         if held < end:
             c = self.layer.config
-            shape = (1, c.num_key_value_heads, max(256, end, 2 * held), c.head_dim)
+            shape = (1, c.num_key_value_heads, max(256, 2 * end), c.head_dim)
             keys, values = (torch.zeros(shape, dtype=self.dtype, device=self.embed.device) for _ in range(2))
             if self.keys is not None:
                 keys[:, :, :held], values[:, :, :held] = self.keys, self.values
