@@ -142,8 +142,9 @@ class EagleLayer(nn.Module):
     def fuse_qkv(self) -> None:
         """Draft with q, k and v as one product over their stacked rows (`qkv`) instead of three.
         For drafting only: the three projections are dropped, so such a layer is neither trained
-        nor saved (save_eagle refuses it). Measured with the rotary change above: SmolLM2's
-        drafting 6.19 -> 5.88 ms a step (bfloat16, oneDNN-packed, 2-core Xeon), the same drafts."""
+        nor saved (save_eagle refuses it). Measured together with forward's rotating q and k in
+        one pass: SmolLM2's drafting 6.19 -> 5.88 ms a step (bfloat16, oneDNN-packed, 2-core
+        Xeon), the same drafts."""
         if self.qkv is not None:
             return
         parts = (self.q_proj, self.k_proj, self.v_proj)
