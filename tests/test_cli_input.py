@@ -77,6 +77,7 @@ def test_bad_sampling_values_are_one_line_before_loading(flag, value, capsys):
     (["nonsense"], "invalid choice"),
     (["bench", "--out", "x", "--limit", "-1"], "--limit must be a whole number >= 1"),
     (["bench", "--out", "x", "--per-category", "0"], "--per-category must be a whole number >= 1"),
+    (["prompts", "--source", "x", "--out", "y", "--long-first", "-5"], "--long-first must be 0 or more"),
 ])
 def test_usage_errors_are_one_line(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from blockdraft.data.train_prompts import (DOMAINS, SOURCES, build_training_prompts, default_mix,
+from blockdraft.data.train_prompts import (DOMAINS, SOURCES, build_training_prompts, default_mix, long_first,
                                            source_summary, write_jsonl)
 from blockdraft.errors import BlockdraftError
 
@@ -189,3 +189,9 @@ def test_real_default_mix() -> None:
     bench = {" ".join(t.lower().split()) for f in REAL_BENCH.glob("question*.jsonl")
              for line in f.read_text(encoding="utf-8").splitlines() for t in json.loads(line)["turns"]}
     assert not bench & {" ".join(t.lower().split()) for r in rows for t in r["turns"]}
+
+
+def test_long_first_moves_long_prompts_ahead_keeping_each_part_in_order() -> None:
+    rows = [{"id": str(i), "turns": [text]} for i, text in enumerate(["ab", "x" * 9, "abc", "y" * 12, "z"])]
+    assert [r["id"] for r in long_first(rows, 9)] == ["1", "3", "0", "2", "4"]
+    assert long_first(rows, 100) == rows and long_first(rows, 0) == rows

@@ -96,8 +96,12 @@ def cmd_calibrate(args) -> None:
 
 def cmd_prompts(args) -> None:
     from pathlib import Path
-    from .data.train_prompts import build_training_prompts, source_summary, write_jsonl
+    from .data.train_prompts import build_training_prompts, long_first, source_summary, write_jsonl
+    if args.long_first < 0:
+        raise BlockdraftError(f"--long-first must be 0 or more characters, got {args.long_first}")
     rows = build_training_prompts(Path(args.source), seed=args.seed, include_noncommercial=not args.commercial_only)
+    if args.long_first:
+        rows = long_first(rows, args.long_first)
     write_jsonl(rows, Path(args.out))
     print(json.dumps(source_summary(rows)["domains"]), f"-> {args.out} ({len(rows)} prompts)")
 
@@ -303,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output JSONL (id, source, domain, license, turns)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commercial-only", action="store_true", help="drop non-commercial and unlicensed sources")
+    p.add_argument("--long-first", type=int, default=0, metavar="CHARS",
+                   help="put prompts whose first message has at least CHARS characters first (0: off)")
     p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("distill", help="self-distillation data: the model's own greedy answers to prompts")

@@ -533,6 +533,16 @@ def build_training_prompts(root: Path, per_source: dict[str, int] | None = None,
     return rows
 
 
+def long_first(rows: list[dict], chars: int) -> list[dict]:
+    """The rows whose first turn has at least `chars` characters first, each part in its order.
+
+    Why: distillation works through a prompt file in order, and long documents to read
+    (summarization, RAG-style passages) are a small share of the mix but what drafters see
+    least; putting them first makes a session's distillation cover them before the rest."""
+    long = [r for r in rows if len(r["turns"][0]) >= chars]
+    return long + [r for r in rows if len(r["turns"][0]) < chars]
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     """One JSON object per line (UTF-8, not ASCII-escaped); written to a temp file, then renamed."""
     path = Path(path)
