@@ -5,7 +5,8 @@ they earn their place only if they beat what torch offers. This times, after a p
 `--context` tokens, a forward of 1, 8 and 16 tokens for:
 
 - `blockdraft`: the decoder `blockdraft.load()` builds (blockdraft.sizing.measure_cost_curve);
-- `eager`: transformers' own forward over a StaticCache, no compilation;
+- `eager`: transformers' own forward over a StaticCache, no compilation, over the same loaded
+  model (at the default dtype its projections are the same 4-bit modules);
 - `compiled`: the same forward under `torch.compile` (inductor with `freezing`, which folds the
   weights into constants and prepacks oneDNN linears; one graph per input size, `dynamic=False`).
 
@@ -13,7 +14,7 @@ and checks exactness: the greedy token of every position, compiled vs eager, and
 logits of a token alone vs the same token among 15 others (a tree's logits must not depend on
 its size for the lossless promise to hold).
 
-    python benchmarks/compile_vs_fastpath.py --out runs/compile.json [--threads 2] [--context 200]
+    python benchmarks/compile_vs_fastpath.py --out runs/compile.json [--dtype auto] [--threads 2] [--context 200]
 """
 from __future__ import annotations
 
@@ -47,23 +48,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--dtype", default="auto", help="as blockdraft.load's (default: auto, the package's default)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     import blockdraft
-    from blockdraft.models import load_model
     from blockdraft.sizing import measure_cost_curve
     from transformers import StaticCache
 
     results = {**results_header(args.threads), "context": args.context, "ms_per_forward": {}}
-    dec = blockdraft.load()
+    dec = blockdraft.load(dtype=args.dtype)
+    results["dtype"] = dec.loaded.dtype_name
     curve = measure_cost_curve(dec.target, sizes=SIZES, context=args.context, rounds=args.rounds)
     results["ms_per_forward"]["blockdraft"] = {n: round(1000 * s, 2) for n, s in zip(curve.tokens, curve.seconds)}
     print("blockdraft", results["ms_per_forward"]["blockdraft"], file=sys.stderr)
-    dec.release()
-    del dec
 
-    model = load_model().model.eval()
+    model = dec.loaded.model.eval()  # transformers' forward over the same weights (kept alive with `dec`)
     vocab = model.config.vocab_size
     filler = torch.tensor([[(t * 7919 + 100) % vocab for t in range(args.context + max(SIZES))]])
     cache = StaticCache(config=model.config, max_cache_len=args.context + 4 * max(SIZES))
