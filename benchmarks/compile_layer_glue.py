@@ -27,16 +27,14 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
 from blockdraft.bench.provenance import results_header
+from blockdraft.cpu import EXACT_ROWS
 
 ROWS = (1, 4, 16)
 
 
 def four_bit(linear, x: torch.Tensor) -> torch.Tensor:
-    """x @ W^T through torch's 4-bit kernel, as the fast path's product computes it."""
-    weight = linear.int4
-    flat = x.reshape(-1, x.shape[-1])
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight.packed, 32, weight.scales_zeros)
-    return y.reshape(*x.shape[:-1], weight.out_features)
+    """x @ W^T as the fast path calls its projections in a drafted call (each row exact)."""
+    return linear(x, EXACT_ROWS)
 
 
 def before_attention(x, norm, qkv, cos, sin, heads: int, kv_heads: int, head_dim: int):

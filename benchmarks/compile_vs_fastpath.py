@@ -5,8 +5,9 @@ they earn their place only if they beat what torch offers. This times, after a p
 `--context` tokens, a forward of 1, 8 and 16 tokens for:
 
 - `blockdraft`: the decoder `blockdraft.load()` builds (blockdraft.sizing.measure_cost_curve);
-- `eager`: transformers' own forward over a StaticCache, no compilation, over the same loaded
-  model (at the default dtype its projections are the same 4-bit modules);
+- `eager`: transformers' own forward over a StaticCache, no compilation, over the model as
+  `blockdraft.load` leaves it (at the default dtype its projections are the same 4-bit modules,
+  and its attention runs on the grouped key/value heads, blockdraft.cpu.grouped_kv_sdpa);
 - `compiled`: the same forward under `torch.compile` (inductor with `freezing`, which folds the
   weights into constants and prepacks oneDNN linears; one graph per input size, `dynamic=False`).
 
