@@ -45,6 +45,21 @@ def test_append_round_trips_and_never_rewrites(tmp_path):
     assert reopened.summary()["records"] == 8 and reopened.answer_tokens() == sum(s["answer_tokens"] for s in reopened.shards)
 
 
+def test_a_run_at_another_dtype_extends_the_corpus_and_each_shard_names_its_dtype(tmp_path):
+    corpus = Corpus.create_or_open(tmp_path / "c", IDENTITY)
+    corpus.append(_records(3), {})
+    reopened = Corpus.create_or_open(tmp_path / "c", {**IDENTITY, "dtype": "bfloat16"})  # same model, same settings
+    reopened.append(_records(2, start=3), {}, dtype="bfloat16")
+    again = Corpus.open(tmp_path / "c")
+    assert [again.shard_dtype(s) for s in again.shards] == ["float32", "bfloat16"]
+    assert again.manifest["dtype"] == "float32"  # the first run's: what shards naming no dtype hold
+    tokens = again.summary()["answer_tokens_by_dtype"]
+    assert tokens == {"float32": again.shards[0]["answer_tokens"], "bfloat16": again.shards[1]["answer_tokens"]}
+    assert len(list(again.records())) == 5
+    del again.manifest["shards"][0]["dtype"]  # a shard written before shards named their dtype
+    assert again.shard_dtype(again.shards[0]) == "float32"
+
+
 def test_corrupt_truncated_and_foreign_corpora_are_one_line(tmp_path):
     corpus = Corpus.create_or_open(tmp_path / "c", IDENTITY)
     entry = corpus.append(_records(4), {})
@@ -57,8 +72,8 @@ def test_corrupt_truncated_and_foreign_corpora_are_one_line(tmp_path):
     shard.write_bytes(data)
     with pytest.raises(BlockdraftError, match="model_fingerprint"):
         Corpus.create_or_open(tmp_path / "c", {**IDENTITY, "model_fingerprint": "other"})
-    with pytest.raises(BlockdraftError, match="dtype"):
-        Corpus.create_or_open(tmp_path / "c", {**IDENTITY, "dtype": "bfloat16"})
+    with pytest.raises(BlockdraftError, match="generation"):
+        Corpus.create_or_open(tmp_path / "c", {**IDENTITY, "generation": {"decoding": "greedy", "max_new_tokens": 9}})
     (tmp_path / "c" / MANIFEST).write_text("{not json")
     with pytest.raises(BlockdraftError, match="not valid JSON"):
         Corpus.open(tmp_path / "c")
@@ -83,6 +98,7 @@ def test_distill_packs_into_corpus_and_skips_known_prompts(tmp_path):
     corpus = Corpus.open(corpus_dir)
     assert sum(s["records"] for s in corpus.shards) == 4 and len(corpus.shards) >= 2
     assert corpus.shards[0]["sources"]["s"]["license"] == "MIT"
+    assert [s["dtype"] for s in corpus.shards] == ["float64"] * len(corpus.shards)  # each shard names the dtype that wrote it (the tiny model's)
     # A second run in a fresh working folder skips what the corpus already holds.
     distill(loaded, prompts, tmp_path / "run2", DistillConfig(max_new_tokens=5, corpus=str(corpus_dir)))
     rows = [json.loads(line) for line in (tmp_path / "run2" / "distill.jsonl").open()]

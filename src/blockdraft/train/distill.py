@@ -139,7 +139,7 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
 
 
 def corpus_identity(meta: dict) -> dict:
-    """What a corpus records about the run that made it (and refuses to mix with other runs)."""
+    """What a corpus records about a run that extends it (corpus.IDENTITY_KEYS must agree; the dtype goes with each shard)."""
     return {"model": meta["model"], "model_fingerprint": meta["model_fingerprint"],
             "dtype": meta.get("dtype", "float32"), "vocab_size": meta["vocab_size"],
             "generation": {"decoding": "greedy", "turn": "first user turn, chat template",
@@ -169,7 +169,7 @@ def pack_distilled(data_dir: str | Path, corpus: Corpus | str | Path,
             licences.setdefault(rec.get("source", ""), rec["license"])
         records.append(CorpusRecord(rec["id"], rec.get("domain", ""), rec.get("source", ""),
                                     np.asarray(rec["prompt_ids"]), np.asarray(rec["answer_ids"])))
-    return corpus.append(records, licences)
+    return corpus.append(records, licences, dtype=identity["dtype"])
 
 
 def _validate_record(rec: dict) -> str | None:
