@@ -114,6 +114,10 @@ class Corpus:
     def answer_tokens(self) -> int:
         return sum(s["answer_tokens"] for s in self.shards)
 
+    def shard_dtype(self, shard: dict) -> str:
+        """The dtype whose greedy answers a shard holds (shards that name none: the manifest's)."""
+        return shard.get("dtype", self.manifest["dtype"])
+
     def record_ids(self) -> set[str]:
         if self._ids is None:
             self._ids = {rid for shard in self.shards for rid in self._load(shard)["ids"].tolist()}
@@ -145,10 +149,6 @@ class Corpus:
         return arrays
 
     # --- appending -----------------------------------------------------------------------
-
-    def shard_dtype(self, shard: dict) -> str:
-        """The dtype whose greedy answers a shard holds (shards that name none: the manifest's)."""
-        return shard.get("dtype", self.manifest["dtype"])
 
     def append(self, records: Iterable[CorpusRecord], licences: dict[str, str], dtype: str | None = None) -> dict | None:
         """Pack `records` into one new shard (records already in the corpus are dropped).
