@@ -38,7 +38,7 @@ HIDDEN_FILE = "hidden.f16"
 class DistillConfig:
     max_new_tokens: int = 256  # answer length cap per prompt
     max_prompt_tokens: int = 1024  # longer prompts are skipped (they dominate padding cost)
-    batch_size: int = 0  # 0: 32 on CPU (126 answer tokens/s here, 76 with 16), 384 on a GPU
+    batch_size: int = 0  # 0: 32 on CPU (float32: 126 answer tokens/s here, 76 with 16), 384 on a GPU
     limit: int = 0  # at most this many new prompts this run (0: all)
     corpus: str = ""  # also pack finished answers into this corpus folder (see corpus.py)
     shard_records: int = 2000  # records per corpus shard
