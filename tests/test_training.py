@@ -65,7 +65,8 @@ def test_distill_keeps_the_hidden_states_training_would_compute(loaded, tmp_path
 
 
 def test_distilled_answers_equal_unbatched_greedy_decoding(loaded, tmp_path):
-    """Rows leave the batch as they finish: every answer still equals the model's own greedy decode."""
+    """Rows leave the batch as they finish and waiting prompts join it (their cache left-padded to the
+    batch's, or the batch's to theirs): every answer still equals the model's own greedy decode."""
     import torch
 
     from blockdraft.train.distill import _stop_ids

@@ -1,0 +1,95 @@
+"""A transformers KV cache for batched generation that grows in place instead of by concatenation.
+
+transformers' DynamicLayer appends each step's keys and values with `torch.cat`, copying the
+whole cache every step: at 32 rows and ~300 cached positions that copy was a third of a
+distillation step on the 2-core CPU (49 of 146 ms, torch profiler), and it grows with rows x
+positions. Here each layer writes into a buffer with spare room (doubled when full) and hands
+attention a view of the filled part, so a step copies only its new column.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer's keys and values [rows, kv_heads, capacity, head_dim]; the first `length` positions are filled."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length = 0
+        self.key_buffer = self.value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+            self._grow(key_states, value_states, end)
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, end: int) -> None:
+        """New buffers with room for twice `end` positions (at least 64), holding what is filled so far."""
+        capacity = max(64, 2 * end)
+        rows, heads, _, dim = key_states.shape
+        keys = key_states.new_empty((rows, heads, capacity, dim))
+        values = value_states.new_empty((rows, heads, capacity, value_states.shape[-1]))
+        if self.length:
+            keys[:, :, :self.length] = self.keys
+            values[:, :, :self.length] = self.values
+        self.key_buffer, self.value_buffer = keys, values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the rows `indices` (finished rows leave the batch)."""
+        if self.length:
+            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("GrowingLayer serves batched generation only; it does not crop")
+
+    def join(self, other: GrowingLayer) -> None:
+        """Append `other`'s rows after these; the shorter side is padded on the left with zeros.
+
+        The callers' attention masks cover the padding (so a zero, never uninitialised memory that
+        could hold a NaN, is what a masked position multiplies).
+        """
+        width = max(self.length, other.length)
+        rows = self.keys.shape[0] + other.keys.shape[0]
+        heads, dim = self.keys.shape[1], self.keys.shape[-1]
+        keys = self.keys.new_zeros((rows, heads, max(64, 2 * width), dim))
+        values = self.values.new_zeros((rows, heads, max(64, 2 * width), self.values.shape[-1]))
+        for layer, first in ((self, 0), (other, self.keys.shape[0])):
+            block = slice(first, first + layer.keys.shape[0])
+            keys[block, :, width - layer.length:width] = layer.keys
+            values[block, :, width - layer.length:width] = layer.values
+        self.key_buffer, self.value_buffer, self.length = keys, values, width
+        self.keys, self.values = keys[:, :, :width], values[:, :, :width]
+
+    def drop_left(self, positions: int) -> None:
+        """Forget the first `positions` positions (padding that no remaining row attends to)."""
+        self.key_buffer, self.value_buffer = self.key_buffer[:, :, positions:], self.value_buffer[:, :, positions:]
+        self.length -= positions
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
+def growing_cache(num_layers: int) -> Cache:
+    """A cache of `num_layers` GrowingLayers for a model's forward (its `past_key_values`)."""
+    return Cache(layers=[GrowingLayer() for _ in range(num_layers)])
+
+
+def join_rows(cache: Cache, other: Cache) -> None:
+    """Append `other`'s rows to `cache`, layer by layer (see GrowingLayer.join)."""
+    for mine, theirs in zip(cache.layers, other.layers, strict=True):
+        mine.join(theirs)
+
+
+def drop_left(cache: Cache, positions: int) -> None:
+    """Drop the first `positions` cached positions of every layer."""
+    for layer in cache.layers:
+        layer.drop_left(positions)
