@@ -1,8 +1,9 @@
-"""The growing KV cache that batched distillation uses: rows join and leave without changing any row's logits."""
+"""The growing KV cache that batched distillation uses: rows join, are taken over and leave
+without changing any other row's logits."""
 import torch
 
 from blockdraft.testing import tiny_llama
-from blockdraft.train.batch_cache import drop_left, growing_cache, join_rows
+from blockdraft.train.batch_cache import drop_left, growing_cache, place_rows
 
 
 def _alone(model, ids: list[int]) -> torch.Tensor:
@@ -33,7 +34,7 @@ def _step(model, cache, mask, seqs: list[list[int]], tokens: list[int]):
     return mask, logits
 
 
-def test_rows_join_and_leave_with_their_logits_unchanged():
+def test_rows_join_are_taken_over_and_leave_with_their_logits_unchanged():
     model = tiny_llama(5)
     g = torch.Generator().manual_seed(0)
     prompt = lambda n: torch.randint(1, 64, (n,), generator=g).tolist()
@@ -41,17 +42,27 @@ def test_rows_join_and_leave_with_their_logits_unchanged():
     cache, mask, logits = _prefill(model, [list(s) for s in seqs])
     for _ in range(3):  # the batch runs ahead: its cache is now wider than the next prompt
         mask, logits = _step(model, cache, mask, seqs, logits.argmax(-1).tolist())
-    for new in ([prompt(4)], [prompt(16), prompt(2)]):  # narrower than the batch, then wider
+    # a narrower prompt joins as a new row; then a wider one takes over row 0 (a finished answer's)
+    # and another joins behind it
+    for slots, new in (([2], [prompt(4)]), ([0, 3], [prompt(16), prompt(2)])):
         other, other_mask, other_logits = _prefill(model, new)
-        join_rows(cache, other)
+        index = torch.tensor(slots)
+        place_rows(cache, index, other)
         width = max(mask.shape[1], other_mask.shape[1])
         pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))
-        mask, seqs = torch.cat([pad(mask), pad(other_mask)]), seqs + [list(p) for p in new]
-        logits = torch.cat([logits, other_logits])
+        grown = torch.zeros((max(len(seqs), max(slots) + 1), width), dtype=mask.dtype)
+        grown[: len(mask)], grown[index] = pad(mask), pad(other_mask)
+        merged = torch.zeros((len(grown), logits.shape[1]), dtype=logits.dtype)
+        merged[: len(logits)], merged[index] = logits, other_logits
+        mask, logits = grown, merged
+        seqs += [None] * (len(grown) - len(seqs))
+        for r, p in zip(slots, new):
+            seqs[r] = list(p)
         mask, logits = _step(model, cache, mask, seqs, logits.argmax(-1).tolist())
         for row, s in enumerate(seqs):
-            assert torch.allclose(logits[row], _alone(model, s), atol=1e-9), (new, row)
-    keep = torch.tensor([1, 2, 4])  # the two longest rows leave: the columns only they used go too
+            assert torch.allclose(logits[row], _alone(model, s), atol=1e-9), (slots, row)
+    assert cache.get_seq_length() == mask.shape[1] == 17
+    keep = torch.tensor([1, 2, 3])  # the widest row (16 prompt tokens) leaves: the columns only it used go too
     cache.batch_select_indices(keep)
     mask, logits, seqs = mask[keep], logits[keep], [seqs[i] for i in keep.tolist()]
     unused = int(mask.any(0).int().argmax())

@@ -250,7 +250,7 @@ def store_alpha(dec, kind: str, report: dict):
 
 TIME_BUDGET = "time budget in seconds; the LR schedule shrinks to fit (0: none)"
 DISTILL_HELP = {"max_new_tokens": "answer length cap per prompt", "max_prompt_tokens": "longer prompts are skipped",
-                "batch_size": "rows generating at once; finished rows are replaced by waiting prompts (0: 64 on CPU, 384 on GPU)", "limit": "at most N new prompts this run (0: all)",
+                "batch_size": "rows generating at once; finished rows are replaced by waiting prompts (0: 96 on CPU, 384 on GPU)", "limit": "at most N new prompts this run (0: all)",
                 "corpus": "also pack finished answers into this corpus folder (e.g. corpus/smollm2-135m)",
                 "shard_records": "records per corpus shard"}
 HEADS_HELP = {"num_heads": "K draft heads", "lr": "peak learning rate after warm-up",

@@ -53,23 +53,24 @@ class GrowingLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("GrowingLayer serves batched generation only; it does not crop")
 
-    def join(self, other: GrowingLayer) -> None:
-        """Append `other`'s rows after these; the shorter side is padded on the left with zeros.
-
-        The callers' attention masks cover the padding (so a zero, never uninitialised memory that
-        could hold a NaN, is what a masked position multiplies).
-        """
+    def place(self, slots: torch.Tensor, other: GrowingLayer) -> None:
+        """Put `other`'s rows into rows `slots`: a slot past the last row adds a row, another
+        overwrites it (a finished row's). Rows end together on the right; the positions before a
+        row's own are zeros, which the callers' attention masks hide (a zero, never
+        uninitialised memory that could hold a NaN, is what a masked position multiplies)."""
         width = max(self.length, other.length)
-        rows = self.keys.shape[0] + other.keys.shape[0]
-        heads, dim = self.keys.shape[1], self.keys.shape[-1]
-        keys = self.keys.new_zeros((rows, heads, max(64, 2 * width), dim))
-        values = self.values.new_zeros((rows, heads, max(64, 2 * width), self.values.shape[-1]))
-        for layer, first in ((self, 0), (other, self.keys.shape[0])):
-            block = slice(first, first + layer.keys.shape[0])
-            keys[block, :, width - layer.length:width] = layer.keys
-            values[block, :, width - layer.length:width] = layer.values
-        self.key_buffer, self.value_buffer, self.length = keys, values, width
-        self.keys, self.values = keys[:, :, :width], values[:, :, :width]
+        rows = max(self.keys.shape[0], int(slots.max()) + 1)
+        if width > self.length or rows > self.keys.shape[0]:  # shift right / add rows: new buffers
+            keys = self.keys.new_zeros((rows, self.keys.shape[1], max(64, 2 * width), self.keys.shape[-1]))
+            values = self.values.new_zeros((rows, self.values.shape[1], keys.shape[2], self.values.shape[-1]))
+            keys[: self.keys.shape[0], :, width - self.length:width] = self.keys
+            values[: self.values.shape[0], :, width - self.length:width] = self.values
+            self.key_buffer, self.value_buffer, self.length = keys, values, width
+        start = width - other.length
+        for buffer, rows_in in ((self.key_buffer, other.keys), (self.value_buffer, other.values)):
+            buffer[slots, :, :start] = 0
+            buffer[slots, :, start:width] = rows_in
+        self.keys, self.values = self.key_buffer[:, :, :width], self.value_buffer[:, :, :width]
 
     def drop_left(self, positions: int) -> None:
         """Forget the first `positions` positions (padding that no remaining row attends to)."""
@@ -83,10 +84,10 @@ def growing_cache(num_layers: int) -> Cache:
     return Cache(layers=[GrowingLayer() for _ in range(num_layers)])
 
 
-def join_rows(cache: Cache, other: Cache) -> None:
-    """Append `other`'s rows to `cache`, layer by layer (see GrowingLayer.join)."""
+def place_rows(cache: Cache, slots: torch.Tensor, other: Cache) -> None:
+    """Put `other`'s rows into rows `slots` of `cache`, layer by layer (see GrowingLayer.place)."""
     for mine, theirs in zip(cache.layers, other.layers, strict=True):
-        mine.join(theirs)
+        mine.place(slots, theirs)
 
 
 def drop_left(cache: Cache, positions: int) -> None:

@@ -30,7 +30,7 @@ from ..errors import BlockdraftError
 from ..jsonl import read_jsonl
 from ..models import LoadedModel, model_fingerprint
 from ..prompting import encode_chat
-from .batch_cache import drop_left, growing_cache, join_rows
+from .batch_cache import drop_left, growing_cache, place_rows
 
 META_FILE = "meta.json"
 DATA_FILE = "distill.jsonl"
@@ -41,7 +41,7 @@ HIDDEN_FILE = "hidden.f16"
 class DistillConfig:
     max_new_tokens: int = 256  # answer length cap per prompt
     max_prompt_tokens: int = 1024  # longer prompts are skipped (they dominate padding cost)
-    batch_size: int = 0  # rows generating at once; 0: 64 on CPU (bfloat16 here: 292 answer tokens/s, 249 with 32), 384 on a GPU
+    batch_size: int = 0  # rows generating at once; 0: 96 on CPU (bfloat16 here: 396 answer tokens/s, 377 with 64), 384 on a GPU
     limit: int = 0  # at most this many new prompts this run (0: all)
     corpus: str = ""  # also pack finished answers into this corpus folder (see corpus.py)
     shard_records: int = 2000  # records per corpus shard
@@ -106,7 +106,7 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
         if cfg.limit and len(todo) >= cfg.limit:
             break
     on_gpu = loaded.device.type == "cuda"
-    batch = cfg.batch_size or (384 if on_gpu else 64)
+    batch = cfg.batch_size or (384 if on_gpu else 96)
     window = batch * 8  # sort by length inside windows: little padding, yet the file order (mix) is kept
     todo = [item for w in range(0, len(todo), window) for item in sorted(todo[w:w + window], key=lambda it: len(it[1]))]
     eos = _stop_ids(loaded)
@@ -203,13 +203,14 @@ def _answer_stream(loaded: LoadedModel, prompts: list[list[int]], max_new: int, 
                    ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
     """Greedy answers with continuous batching: yields (prompt index, answer, hidden states) as each ends.
 
-    A finished row leaves the batch (and its KV cache) at once and waiting prompts take the free
-    rows: they are prefilled together, left-padded, and their cache joins the batch's. A batch
-    that only shrinks spends its last steps on a few long answers while a step costs nearly as
-    much at 8 rows as at 32 (65 against 110 ms in bfloat16 on the 2-core CPU). Each answer ends
-    with its first stop token or at `max_new` tokens; its hidden states [len(answer), H] (float16)
-    are those of the positions that predicted its tokens: the last prompt token, then each
-    fed-back token.
+    Waiting prompts take the rows of finished answers: prefilled together once an eighth of the
+    rows are free, left-padded, their KV cache written into those rows. A batch that only
+    shrinks spends its last steps on a few long answers, while a step costs nearly as much at 8
+    rows as at 32 (65 against 110 ms in bfloat16 on the 2-core CPU); and a finished row stays (its
+    outputs unused) until a prompt takes it, because dropping it copies the whole cache. Each
+    answer ends with its first stop token or at `max_new` tokens; its hidden states [len(answer),
+    H] (float16) are those of the positions that predicted its tokens: the last prompt token,
+    then each fed-back token.
     """
     from ..target import cache_argument
 
@@ -222,52 +223,69 @@ def _answer_stream(loaded: LoadedModel, prompts: list[list[int]], max_new: int, 
         return body(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
                     **{cache_kwarg: cache}).last_hidden_state[:, -1]
 
-    refill = max(1, batch // 4)  # admit waiting prompts once this many rows are free: prefill in groups
-    live: list[int] = []  # prompt index of each row
-    cache = mask = position = hidden = None
+    refill = max(1, batch // 8)  # admit waiting prompts once this many rows are free: prefill in groups
+    live: list[int | None] = []  # prompt index of each row; None: a finished row no prompt has taken yet
+    rows = None  # (cache, mask [rows, cached + 1], last positions [rows], last hidden states [rows, H])
     answers: dict[int, list[int]] = {}
     states: dict[int, list[torch.Tensor]] = {}
     waiting = 0
-    while live or waiting < len(prompts):
-        if waiting < len(prompts) and (not live or batch - len(live) >= refill):
-            group = list(range(waiting, min(len(prompts), waiting + batch - len(live))))
+    while waiting < len(prompts) or any(i is not None for i in live):
+        free = [r for r, i in enumerate(live) if i is None] + list(range(len(live), batch))
+        if waiting < len(prompts) and len(free) >= min(refill, len(prompts) - waiting):
+            group = list(range(waiting, min(len(prompts), waiting + len(free))))
             waiting += len(group)
-            new_cache, new_mask, new_position, new_hidden = _prefill(forward, [prompts[i] for i in group], pad, layers, dev)
-            if live:
-                join_rows(cache, new_cache)
-                width = max(mask.shape[1], new_mask.shape[1])
-                mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))])
-                position, hidden = torch.cat([position, new_position]), torch.cat([hidden, new_hidden])
-            else:
-                cache, mask, position, hidden = new_cache, new_mask, new_position, new_hidden
-            live += group
-            for i in group:
-                answers[i], states[i] = [], []
+            slots = free[: len(group)]
+            rows = _place(rows, slots, _prefill(forward, [prompts[i] for i in group], pad, layers, dev))
+            live += [None] * (max(slots) + 1 - len(live))
+            for r, i in zip(slots, group):
+                live[r], answers[i], states[i] = i, [], []
+        elif waiting == len(prompts) and 2 * live.count(None) >= len(live):  # the last answers: drop finished rows
+            keep = [r for r, i in enumerate(live) if i is not None]
+            index = torch.tensor(keep, device=dev)
+            rows[0].batch_select_indices(index)
+            rows = (rows[0], *(t[index] for t in rows[1:]))
+            live = [live[r] for r in keep]
+        cache, mask, position, hidden = rows
         tokens = head(hidden).argmax(-1)
         kept = hidden.to("cpu", torch.float16)
-        going = []
         for r, (i, token) in enumerate(zip(live, tokens.tolist())):
+            if i is None:
+                continue
             answers[i].append(token)
             states[i].append(kept[r])
             if token in eos or len(answers[i]) == max_new:
                 yield i, answers.pop(i), torch.stack(states.pop(i))
-            else:
-                going.append(r)
-        if not going:
-            live = []
+                live[r] = None
+        going = [r for r, i in enumerate(live) if i is not None]
+        if not going:  # every answer ended: the next prompts start a new batch
+            live, rows = [], None
             continue
-        if len(going) < len(live):  # finished rows leave the batch, then the padding no row needs
-            index = torch.tensor(going, device=dev)
-            cache.batch_select_indices(index)
-            live = [live[r] for r in going]
-            tokens, mask, position = tokens[index], mask[index], position[index]
-            unused = int(mask.any(0).int().argmax())
-            if unused:
-                drop_left(cache, unused)
-                mask = mask[:, unused:]
-        mask = torch.cat([mask, mask.new_ones((len(live), 1))], 1)
+        unused = int(mask[going].any(0).int().argmax())  # leading positions no unfinished row reads
+        if unused:
+            drop_left(cache, unused)
+            mask = mask[:, unused:]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], 1)  # a finished row still reads its own position
         position = position + 1
-        hidden = forward(tokens[:, None], mask, position[:, None], cache)
+        rows = (cache, mask, position, forward(tokens[:, None], mask, position[:, None], cache))
+
+
+def _place(rows, slots: list[int], new):
+    """The batch `rows` with the prefilled prompts `new` in rows `slots` (cache, mask, positions,
+    hidden states; see _answer_stream); `new` itself when there is no batch."""
+    if rows is None:
+        return new
+    (cache, mask, position, hidden), (new_cache, new_mask, new_position, new_hidden) = rows, new
+    index = torch.tensor(slots, device=mask.device)
+    place_rows(cache, index, new_cache)
+    count, width = max(mask.shape[0], max(slots) + 1), max(mask.shape[1], new_mask.shape[1])
+    grown = []
+    for old, added in ((F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))),
+                       (position, new_position), (hidden, new_hidden)):
+        merged = old.new_zeros((count, *old.shape[1:]))
+        merged[: len(old)] = old
+        merged[index] = added
+        grown.append(merged)
+    return (cache, *grown)
 
 
 def _prefill(forward, prompts: list[list[int]], pad: int, layers: int, dev: torch.device):
