@@ -38,6 +38,12 @@ def test_distill_resumes_and_reports_bad_lines(loaded, tmp_path, capsys):
         distill(loaded, prompts, out, DistillConfig(max_new_tokens=9))
     with pytest.raises(BlockdraftError, match="at least 1"):
         distill(loaded, prompts, tmp_path / "d0", DistillConfig(max_new_tokens=0))
+    with pytest.raises(BlockdraftError, match="--batch-size must be 0"):
+        distill(loaded, prompts, tmp_path / "d0", DistillConfig(batch_size=-1))
+    loaded.model.config.layer_types = ["linear_attention", "full_attention", "full_attention"]
+    with pytest.raises(BlockdraftError, match="linear_attention layers keep no attention cache"):
+        distill(loaded, prompts, tmp_path / "d0", DistillConfig())
+    assert not (tmp_path / "d0").exists()  # refused before anything is written
 
 
 def test_distill_keeps_the_hidden_states_training_would_compute(loaded, tmp_path):
@@ -173,3 +179,28 @@ def test_ngram_training_and_tuning_run_on_distilled_data(loaded, tmp_path):
     report = tune_alpha(dec, records, "ngram", grid=(0.1, 1.0), topk=4)
     assert set(report["alpha"]) == {"writing", "default"} and len(report["curve"]["default"]) == 2
     assert all(c >= 1.0 for c in report["curve"]["default"])
+
+
+def test_answer_stream_matches_greedy_as_rows_join_widen_and_drain(loaded):
+    """Mixed prompt lengths, stop tokens met early, more prompts than rows: every prompt's answer
+    (and its kept hidden states) comes out once, equal to decoding it alone."""
+    import random
+    from collections import Counter
+
+    import torch
+
+    from blockdraft.testing import reference_greedy
+    from blockdraft.train.distill import _answer_stream
+
+    model, body = loaded.model, loaded.model.get_decoder()
+    rng = random.Random(0)
+    common = Counter(t for n in (3, 5, 8) for t in reference_greedy(model, list(range(1, n + 1)), 12)).most_common(2)
+    for batch, max_new, eos in ((1, 4, set()), (3, 9, {common[0][0]}), (4, 12, {common[1][0]}), (8, 1, set())):
+        prompts = [[rng.randrange(1, 64) for _ in range(rng.choice([1, 2, 7, 15, 30]))] for _ in range(13)]
+        out = list(_answer_stream(loaded, prompts, max_new, eos, batch))
+        assert sorted(i for i, _, _ in out) == list(range(len(prompts)))  # each prompt once
+        for i, answer, hidden in out:
+            assert answer == reference_greedy(model, prompts[i], max_new, tuple(eos)), (batch, i)
+            with torch.no_grad():
+                fresh = body(input_ids=torch.tensor([prompts[i] + answer])).last_hidden_state[0, len(prompts[i]) - 1: -1]
+            assert hidden.shape[0] == len(answer) and torch.allclose(hidden.to(fresh.dtype), fresh, atol=2e-2, rtol=1e-2)

@@ -13,7 +13,13 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class GrowingLayer(DynamicLayer):
-    """One layer's keys and values [rows, kv_heads, capacity, head_dim]; the first `length` positions are filled."""
+    """One layer's keys and values [rows, kv_heads, capacity, head_dim]; the first `length` positions are filled.
+
+    Serves batched greedy generation only: what beam search and offloading would call raises
+    instead of quietly acting on the views alone.
+    """
+
+    is_croppable = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -45,13 +51,30 @@ class GrowingLayer(DynamicLayer):
         self.key_buffer, self.value_buffer = keys, values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keep only the rows `indices` (finished rows leave the batch)."""
+        """Keep only the rows `indices` (finished rows leave the batch); the spare room stays, unfilled."""
         if self.length:
-            self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+            kept = []
+            for buffer, filled in ((self.key_buffer, self.keys), (self.value_buffer, self.values)):
+                rows = buffer.new_empty((len(indices), *buffer.shape[1:]))
+                rows[:, :, :self.length] = filled[indices]
+                kept.append(rows)
+            self.key_buffer, self.value_buffer = kept
             self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("GrowingLayer serves batched generation only; it does not crop")
+        raise NotImplementedError("GrowingLayer serves batched greedy generation only; it does not crop")
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        raise NotImplementedError("GrowingLayer serves batched greedy generation only; no beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("GrowingLayer serves batched greedy generation only; no repeated rows")
+
+    def offload(self) -> None:
+        raise NotImplementedError("GrowingLayer keeps its buffers where they are; no offloading")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("GrowingLayer keeps its buffers where they are; no offloading")
 
     def place(self, slots: torch.Tensor, other: GrowingLayer) -> None:
         """Put `other`'s rows into rows `slots`: a slot past the last row adds a row, another
@@ -77,6 +100,13 @@ class GrowingLayer(DynamicLayer):
         self.key_buffer, self.value_buffer = self.key_buffer[:, :, positions:], self.value_buffer[:, :, positions:]
         self.length -= positions
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+
+
+def unsupported(config) -> str | None:
+    """Why a model's layers cannot use this cache (None when they can): it holds attention keys
+    and values only (sliding-window layers keep every position; their masks still hide the far ones)."""
+    kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    return f"its {', '.join(sorted(kinds))} layers keep no attention cache" if kinds else None
 
 
 def growing_cache(num_layers: int) -> Cache:

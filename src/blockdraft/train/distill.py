@@ -18,19 +18,21 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers.cache_utils import Cache
 
 from ..corpus import Corpus, CorpusRecord
 from ..errors import BlockdraftError
 from ..jsonl import read_jsonl
 from ..models import LoadedModel, model_fingerprint
 from ..prompting import encode_chat
-from .batch_cache import drop_left, growing_cache, place_rows
+from . import batch_cache
 
 META_FILE = "meta.json"
 DATA_FILE = "distill.jsonl"
@@ -83,6 +85,11 @@ def distill(loaded: LoadedModel, prompts_file: str | Path, out: str | Path, cfg:
     """Generate greedy answers (first turn, chat template) for every prompt not yet in DIR."""
     if cfg.max_new_tokens < 1:
         raise BlockdraftError(f"--max-new-tokens must be at least 1, not {cfg.max_new_tokens}")
+    if cfg.batch_size < 0:
+        raise BlockdraftError(f"--batch-size must be 0 (the default) or more, not {cfg.batch_size}")
+    reason = batch_cache.unsupported(loaded.model.config)
+    if reason is not None:
+        raise BlockdraftError(f"distill cannot batch {loaded.name}: {reason}")
     out = Path(out)
     meta = {"model": loaded.name, "model_fingerprint": model_fingerprint(loaded.model),
             "max_new_tokens": cfg.max_new_tokens, "prompts": str(prompts_file),
@@ -198,6 +205,36 @@ def kept_hidden(data_dir: str | Path, hidden_size: int) -> np.ndarray | None:
     return np.memmap(path, dtype=np.float16, mode="r", shape=(rows, hidden_size)) if rows else None
 
 
+class _Rows(NamedTuple):
+    """A batch being decoded: its KV cache, attention mask [rows, cached positions], each row's
+    last position [rows] and last final hidden state [rows, H]."""
+
+    cache: Cache
+    mask: torch.Tensor
+    position: torch.Tensor
+    hidden: torch.Tensor
+
+    def place(self, slots: list[int], new: _Rows) -> _Rows:
+        """These rows with `new`'s in rows `slots` (a finished answer's, or past the last row)."""
+        index = torch.tensor(slots, device=self.mask.device)
+        batch_cache.place_rows(self.cache, index, new.cache)
+        count, width = max(len(self.mask), max(slots) + 1), max(self.mask.shape[1], new.mask.shape[1])
+        merged = []
+        for old, added in ((F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(new.mask, (width - new.mask.shape[1], 0))),
+                           (self.position, new.position), (self.hidden, new.hidden)):
+            rows = old.new_zeros((count, *old.shape[1:]))
+            rows[: len(old)] = old
+            rows[index] = added
+            merged.append(rows)
+        return _Rows(self.cache, *merged)
+
+    def select(self, keep: list[int]) -> _Rows:
+        """Only the rows `keep`."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        return _Rows(self.cache, self.mask[index], self.position[index], self.hidden[index])
+
+
 @torch.inference_mode()
 def _answer_stream(loaded: LoadedModel, prompts: list[list[int]], max_new: int, eos: set[int], batch: int
                    ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
@@ -219,35 +256,44 @@ def _answer_stream(loaded: LoadedModel, prompts: list[list[int]], max_new: int, 
     layers, pad = model.config.num_hidden_layers, loaded.tokenizer.pad_token_id or 0
     cache_kwarg = cache_argument(body)  # looked up once: it inspects the forward's signature
 
-    def forward(tokens: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        return body(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=True,
+    def forward(tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: Cache) -> torch.Tensor:
+        return body(input_ids=tokens, attention_mask=mask, position_ids=position, use_cache=True,
                     **{cache_kwarg: cache}).last_hidden_state[:, -1]
+
+    def prefill(group: list[int]) -> _Rows:
+        """The prompts `group`, left-padded, through the model into a new cache."""
+        width = max(len(prompts[i]) for i in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = batch_cache.growing_cache(layers)
+        return _Rows(cache, mask, positions[:, -1], forward(ids, mask, positions, cache))
 
     refill = max(1, batch // 8)  # admit waiting prompts once this many rows are free: prefill in groups
     live: list[int | None] = []  # prompt index of each row; None: a finished row no prompt has taken yet
-    rows = None  # (cache, mask [rows, cached + 1], last positions [rows], last hidden states [rows, H])
+    rows: _Rows | None = None
     answers: dict[int, list[int]] = {}
     states: dict[int, list[torch.Tensor]] = {}
-    waiting = 0
-    while waiting < len(prompts) or any(i is not None for i in live):
+    admitted = 0  # prompts[:admitted] have had a row
+    while admitted < len(prompts) or any(i is not None for i in live):
         free = [r for r, i in enumerate(live) if i is None] + list(range(len(live), batch))
-        if waiting < len(prompts) and len(free) >= min(refill, len(prompts) - waiting):
-            group = list(range(waiting, min(len(prompts), waiting + len(free))))
-            waiting += len(group)
+        if admitted < len(prompts) and len(free) >= min(refill, len(prompts) - admitted):
+            group = list(range(admitted, min(len(prompts), admitted + len(free))))
+            admitted += len(group)
             slots = free[: len(group)]
-            rows = _place(rows, slots, _prefill(forward, [prompts[i] for i in group], pad, layers, dev))
+            rows = prefill(group) if rows is None else rows.place(slots, prefill(group))
             live += [None] * (max(slots) + 1 - len(live))
             for r, i in zip(slots, group):
                 live[r], answers[i], states[i] = i, [], []
-        elif waiting == len(prompts) and 2 * live.count(None) >= len(live):  # the last answers: drop finished rows
+        elif admitted == len(prompts) and 2 * live.count(None) >= len(live):  # the last answers: drop finished rows
             keep = [r for r, i in enumerate(live) if i is not None]
-            index = torch.tensor(keep, device=dev)
-            rows[0].batch_select_indices(index)
-            rows = (rows[0], *(t[index] for t in rows[1:]))
-            live = [live[r] for r in keep]
-        cache, mask, position, hidden = rows
-        tokens = head(hidden).argmax(-1)
-        kept = hidden.to("cpu", torch.float16)
+            rows, live = rows.select(keep), [live[r] for r in keep]
+        tokens = head(rows.hidden).argmax(-1)
+        kept = rows.hidden.to("cpu", torch.float16)
         for r, (i, token) in enumerate(zip(live, tokens.tolist())):
             if i is None:
                 continue
@@ -260,43 +306,11 @@ def _answer_stream(loaded: LoadedModel, prompts: list[list[int]], max_new: int, 
         if not going:  # every answer ended: the next prompts start a new batch
             live, rows = [], None
             continue
+        mask = rows.mask
         unused = int(mask[going].any(0).int().argmax())  # leading positions no unfinished row reads
         if unused:
-            drop_left(cache, unused)
+            batch_cache.drop_left(rows.cache, unused)
             mask = mask[:, unused:]
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], 1)  # a finished row still reads its own position
-        position = position + 1
-        rows = (cache, mask, position, forward(tokens[:, None], mask, position[:, None], cache))
-
-
-def _place(rows, slots: list[int], new):
-    """The batch `rows` with the prefilled prompts `new` in rows `slots` (cache, mask, positions,
-    hidden states; see _answer_stream); `new` itself when there is no batch."""
-    if rows is None:
-        return new
-    (cache, mask, position, hidden), (new_cache, new_mask, new_position, new_hidden) = rows, new
-    index = torch.tensor(slots, device=mask.device)
-    place_rows(cache, index, new_cache)
-    count, width = max(mask.shape[0], max(slots) + 1), max(mask.shape[1], new_mask.shape[1])
-    grown = []
-    for old, added in ((F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))),
-                       (position, new_position), (hidden, new_hidden)):
-        merged = old.new_zeros((count, *old.shape[1:]))
-        merged[: len(old)] = old
-        merged[index] = added
-        grown.append(merged)
-    return (cache, *grown)
-
-
-def _prefill(forward, prompts: list[list[int]], pad: int, layers: int, dev: torch.device):
-    """Left-padded prompts through `forward` into a new cache: (cache, mask, last positions, last hidden states)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    ids, mask = ids.to(dev), mask.to(dev)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = growing_cache(layers)
-    return cache, mask, positions[:, -1], forward(ids, mask, positions, cache)
+        position = rows.position + 1
+        rows = _Rows(rows.cache, mask, position, forward(tokens[:, None], mask, position[:, None], rows.cache))
