@@ -1,5 +1,5 @@
-"""The growing KV cache that batched distillation uses: rows join, are taken over and leave
-without changing any other row's logits."""
+"""The growing KV cache that batched distillation uses: rows are taken over by new prompts and
+leave without changing any other row's logits."""
 import torch
 
 from blockdraft.testing import tiny_llama
@@ -34,28 +34,24 @@ def _step(model, cache, mask, seqs: list[list[int]], tokens: list[int]):
     return mask, logits
 
 
-def test_rows_join_are_taken_over_and_leave_with_their_logits_unchanged():
+def test_rows_taken_over_and_left_keep_every_other_rows_logits():
     model = tiny_llama(5)
     g = torch.Generator().manual_seed(0)
     prompt = lambda n: torch.randint(1, 64, (n,), generator=g).tolist()
-    seqs = [prompt(7), prompt(5)]
+    seqs = [prompt(7), prompt(5), prompt(3), prompt(6)]
     cache, mask, logits = _prefill(model, [list(s) for s in seqs])
     for _ in range(3):  # the batch runs ahead: its cache is now wider than the next prompt
         mask, logits = _step(model, cache, mask, seqs, logits.argmax(-1).tolist())
-    # a narrower prompt joins as a new row; then a wider one takes over row 0 (a finished answer's)
-    # and another joins behind it
+    # a narrower prompt takes over row 2 (a finished answer's); then a wider one row 0, and another row 3
     for slots, new in (([2], [prompt(4)]), ([0, 3], [prompt(16), prompt(2)])):
         other, other_mask, other_logits = _prefill(model, new)
         index = torch.tensor(slots)
         place_rows(cache, index, other)
         width = max(mask.shape[1], other_mask.shape[1])
         pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))
-        grown = torch.zeros((max(len(seqs), max(slots) + 1), width), dtype=mask.dtype)
-        grown[: len(mask)], grown[index] = pad(mask), pad(other_mask)
-        merged = torch.zeros((len(grown), logits.shape[1]), dtype=logits.dtype)
-        merged[: len(logits)], merged[index] = logits, other_logits
-        mask, logits = grown, merged
-        seqs += [None] * (len(grown) - len(seqs))
+        mask = pad(mask)
+        mask[index] = pad(other_mask)
+        logits[index] = other_logits
         for r, p in zip(slots, new):
             seqs[r] = list(p)
         mask, logits = _step(model, cache, mask, seqs, logits.argmax(-1).tolist())

@@ -77,17 +77,16 @@ class GrowingLayer(DynamicLayer):
         raise NotImplementedError("GrowingLayer keeps its buffers where they are; no offloading")
 
     def place(self, slots: torch.Tensor, other: GrowingLayer) -> None:
-        """Put `other`'s rows into rows `slots`: a slot past the last row adds a row, another
-        overwrites it (a finished row's). Rows end together on the right; the positions before a
-        row's own are zeros, which the callers' attention masks hide (a zero, never
-        uninitialised memory that could hold a NaN, is what a masked position multiplies)."""
+        """Put `other`'s rows into rows `slots` (finished answers' rows). Rows end together on the
+        right; the positions before a row's own are zeros, which the callers' attention masks hide
+        (a zero, never uninitialised memory that could hold a NaN, is what a masked position
+        multiplies)."""
         width = max(self.length, other.length)
-        rows = max(self.keys.shape[0], int(slots.max()) + 1)
-        if width > self.length or rows > self.keys.shape[0]:  # shift right / add rows: new buffers
-            keys = self.keys.new_zeros((rows, self.keys.shape[1], max(64, 2 * width), self.keys.shape[-1]))
-            values = self.values.new_zeros((rows, self.values.shape[1], keys.shape[2], self.values.shape[-1]))
-            keys[: self.keys.shape[0], :, width - self.length:width] = self.keys
-            values[: self.values.shape[0], :, width - self.length:width] = self.values
+        if width > self.length:  # the new rows are wider: shift every row right in new buffers
+            keys = self.keys.new_zeros((*self.keys.shape[:2], max(64, 2 * width), self.keys.shape[-1]))
+            values = self.values.new_zeros((*self.values.shape[:2], keys.shape[2], self.values.shape[-1]))
+            keys[:, :, width - self.length:width] = self.keys
+            values[:, :, width - self.length:width] = self.values
             self.key_buffer, self.value_buffer, self.length = keys, values, width
         start = width - other.length
         for buffer, rows_in in ((self.key_buffer, other.keys), (self.value_buffer, other.values)):

@@ -215,18 +215,13 @@ class _Rows(NamedTuple):
     hidden: torch.Tensor
 
     def place(self, slots: list[int], new: _Rows) -> _Rows:
-        """These rows with `new`'s in rows `slots` (a finished answer's, or past the last row)."""
+        """These rows with `new`'s in rows `slots` (finished answers' rows)."""
         index = torch.tensor(slots, device=self.mask.device)
         batch_cache.place_rows(self.cache, index, new.cache)
-        count, width = max(len(self.mask), max(slots) + 1), max(self.mask.shape[1], new.mask.shape[1])
-        merged = []
-        for old, added in ((F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(new.mask, (width - new.mask.shape[1], 0))),
-                           (self.position, new.position), (self.hidden, new.hidden)):
-            rows = old.new_zeros((count, *old.shape[1:]))
-            rows[: len(old)] = old
-            rows[index] = added
-            merged.append(rows)
-        return _Rows(self.cache, *merged)
+        width = max(self.mask.shape[1], new.mask.shape[1])
+        mask = F.pad(self.mask, (width - self.mask.shape[1], 0)).index_put((index,), F.pad(new.mask, (width - new.mask.shape[1], 0)))
+        return _Rows(self.cache, mask, self.position.index_put((index,), new.position),
+                     self.hidden.index_put((index,), new.hidden))
 
     def select(self, keep: list[int]) -> _Rows:
         """Only the rows `keep`."""
@@ -280,13 +275,13 @@ def _answer_stream(loaded: LoadedModel, prompts: list[list[int]], max_new: int, 
     states: dict[int, list[torch.Tensor]] = {}
     admitted = 0  # prompts[:admitted] have had a row
     while admitted < len(prompts) or any(i is not None for i in live):
-        free = [r for r, i in enumerate(live) if i is None] + list(range(len(live), batch))
+        free = [r for r, i in enumerate(live) if i is None] if live else list(range(batch))
         if admitted < len(prompts) and len(free) >= min(refill, len(prompts) - admitted):
             group = list(range(admitted, min(len(prompts), admitted + len(free))))
             admitted += len(group)
             slots = free[: len(group)]
             rows = prefill(group) if rows is None else rows.place(slots, prefill(group))
-            live += [None] * (max(slots) + 1 - len(live))
+            live = live or [None] * len(group)
             for r, i in zip(slots, group):
                 live[r], answers[i], states[i] = i, [], []
         elif admitted == len(prompts) and 2 * live.count(None) >= len(live):  # the last answers: drop finished rows
