@@ -90,8 +90,10 @@ def test_states_equal_on_both_bodies():
         _, states = target.forward(build_tree(9, [[10, 11], [12]]), layers=layers)
         got.append((prompt_states, states))
     assert got[0][0].shape == (4, 64) and got[0][1].shape == (4, 64)
-    torch.testing.assert_close(got[0][0], got[1][0])
-    torch.testing.assert_close(got[0][1], got[1][1])
+    # the fast path's rotary tables round cos and sin as float64 -> float32, transformers' float32 cos may
+    # land one float32 step away: equal up to that
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0][1], got[1][1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("t", [0, 3, 7])

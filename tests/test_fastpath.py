@@ -8,6 +8,7 @@ from blockdraft.engine import DecodeConfig, generate
 from blockdraft.exact_attention import cache_dtype, padded_keys
 from blockdraft.fastpath import LlamaFastPath, unsupported
 from blockdraft.refine.base import ArgmaxRefiner
+from blockdraft.rope import RopeTable
 from blockdraft.target import TREE_SLACK, TargetModel
 from blockdraft.testing import random_heads, reference_greedy, tiny_llama
 from blockdraft.tree import TokenTree, build_tree
@@ -53,19 +54,43 @@ def _steps(target: TargetModel, prompt: list[int]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("onednn", [False, True])
 def test_logits_equal_transformers(dtype, seed, onednn):
     """Bit for bit where both paths run the same kernels (float64; float32 with the oneDNN swap
-    that `blockdraft.load` makes); within float32 rounding where transformers runs MKL's dense
-    products and the fast path oneDNN's."""
+    that `blockdraft.load` makes) once transformers reads the fast path's rotary tables; within
+    float32 rounding where transformers runs MKL's dense products and the fast path oneDNN's,
+    and within the tables' last bit with transformers' own rotary embedding."""
     model = tiny_llama(seed, dtype)
     if onednn:
         use_onednn_linears(model)  # float32 only: the packed layout both paths share
     fast, slow = TargetModel(model), TargetModel(model, fast_path=False)
     assert (fast.path, slow.path) == ("llama-fastpath", "transformers")
     prompt = [5, 9, 13, 7, 22, 40, 41]
-    for got, want in zip(_steps(fast, prompt), _steps(slow, prompt)):
+    own = _steps(slow, prompt)  # transformers' own rotary embedding
+    rotary, table = model.model.rotary_emb, RopeTable(model.model.rotary_emb)
+    rotary.forward = lambda x, position_ids: tuple(t[0] for t in table(position_ids[0], x.dtype))
+    for got, want, near in zip(_steps(fast, prompt), _steps(slow, prompt), own):
+        torch.testing.assert_close(got, near, rtol=1e-5, atol=1e-5)
         if dtype == torch.float32 and not onednn:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         else:
             assert torch.equal(got, want)
+
+
+def test_rope_rows_do_not_depend_on_the_call():
+    """A position's cos and sin are the same bits whatever else a call asks for, and close to
+    transformers' own."""
+    model = tiny_llama(0, torch.float32, max_positions=2048)
+    rotary = model.model.rotary_emb
+    table = RopeTable(rotary)
+    alone = [table(torch.tensor([p]), torch.float32) for p in (0, 1, 5, 700, 1500)]
+    together = table(torch.tensor([1500, 5, 0, 700, 1]), torch.float32)
+    for got, p in zip(alone, (0, 1, 5, 700, 1500)):
+        index = [1500, 5, 0, 700, 1].index(p)
+        assert torch.equal(got[0][..., 0, :], together[0][..., index, :])
+        assert torch.equal(got[1][..., 0, :], together[1][..., index, :])
+    x = torch.zeros(1, 1, 8)
+    cos, sin = rotary(x, torch.arange(1600)[None])
+    mine = table(torch.arange(1600), torch.float32)
+    torch.testing.assert_close(mine[0][0, 0], cos[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(mine[1][0, 0], sin[0], rtol=0, atol=1e-6)
 
 
 def test_cache_grows_past_its_first_capacity():

@@ -4,9 +4,10 @@ Why: on this project's 2-core CPU a SmolLM2-135M step through transformers spend
 ~60 ms outside the matrix products (module calls, mask and cache bookkeeping), and runs q, k, v,
 gate and up as five small matrix products per layer. Here each step is one loop over the layers
 with one static KV cache; q|k|v and gate|up are single fused products (their rows are the same
-dot products). Norms, rotary embedding and attention are transformers' own functions, so the
-logits are bit-identical to transformers' wherever both run the same kernels (float64, and
-float32 on the oneDNN layout `blockdraft.load` sets up; the tests check it). The target model
+dot products). Norms and attention are transformers' own functions; the rotary embedding
+reads a table computed once per position (blockdraft.rope), so a position's rows never depend
+on the call. The logits equal transformers' up to the last bit of the rotary tables (the tests
+check them bit for bit against transformers with those tables, and closely without). The target model
 itself is untouched and still serves transformers' own generate.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaModel, rotate_half
 from .cpu import EXACT_ROWS, OneDNNLinear, PackedRows, can_pack, pack_weight, packed_linear, release_pages
 from .exact_attention import cache_dtype, padded_keys, path_layout, row_exact_attention
 from .int4 import Int4Linear, Int4Weight
+from .rope import RopeTable
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -155,6 +157,7 @@ class LlamaFastPath(nn.Module):
         self.keys = self.values = torch.empty(0)
         self.layers: list[tuple] = []
         self._built_for: tuple = ()
+        self.rope = RopeTable(body.rotary_emb) if RopeTable.fixed(body.rotary_emb) else None
 
     def reserve(self, positions: int) -> None:
         """Size the cache for at least `positions` at its next reset (it never shrinks), in whole
@@ -226,7 +229,10 @@ class LlamaFastPath(nn.Module):
         end = past + n
         self._reserve(end)
         x = self.body.embed_tokens(tokens[None])
-        cos, sin = self.body.rotary_emb(x, positions[None])
+        if self.rope is not None:  # a position's rows from one table, whatever the call
+            cos, sin = self.rope(positions, x.dtype)
+        else:  # frequencies that change with the sequence: transformers' own, per call
+            cos, sin = (t[:, None] for t in self.body.rotary_emb(x, positions[None]))
         if allowed is None and n > 1 and past > 0:
             allowed = torch.ones(n, end, dtype=torch.bool).tril(past)
         causal = allowed is None and n > 1
@@ -234,7 +240,6 @@ class LlamaFastPath(nn.Module):
         layout = path_layout(allowed, end) if exact and allowed is not None else None
         # a drafted call's rows must each come out as if fed alone (a prefill's need not)
         rows = EXACT_ROWS if exact and past > 0 else None
-        cos, sin = cos[:, None], sin[:, None]
         qk_width = (self.heads + self.kv_heads) * self.head_dim
         kept = {}
         for i, (norm1, qkv, out, norm2, gate_up, down) in enumerate(self.layers):
