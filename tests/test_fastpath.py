@@ -10,7 +10,7 @@ from blockdraft.fastpath import LlamaFastPath, unsupported
 from blockdraft.refine.base import ArgmaxRefiner
 from blockdraft.rope import RopeTable
 from blockdraft.target import TREE_SLACK, TargetModel
-from blockdraft.testing import random_heads, reference_greedy, tiny_llama
+from blockdraft.testing import random_heads, reference_greedy, tiny_llama, transformers_reads_rope_table
 from blockdraft.tree import TokenTree, build_tree
 
 
@@ -64,8 +64,7 @@ def test_logits_equal_transformers(dtype, seed, onednn):
     assert (fast.path, slow.path) == ("llama-fastpath", "transformers")
     prompt = [5, 9, 13, 7, 22, 40, 41]
     own = _steps(slow, prompt)  # transformers' own rotary embedding
-    rotary, table = model.model.rotary_emb, RopeTable(model.model.rotary_emb)
-    rotary.forward = lambda x, position_ids: tuple(t[0] for t in table(position_ids[0], x.dtype))
+    transformers_reads_rope_table(model)
     for got, want, near in zip(_steps(fast, prompt), _steps(slow, prompt), own):
         torch.testing.assert_close(got, near, rtol=1e-5, atol=1e-5)
         if dtype == torch.float32 and not onednn:

@@ -1,7 +1,7 @@
 """Rotary-embedding tables computed once, so that a position's cos and sin never depend on the call.
 
 Why: transformers computes cos(position * inv_freq) on every forward through torch's float32
-cos, which on this CPU is MKL's vector math; in about one fresh process in twenty on a busy
+cos, which on this CPU is MKL's vector math; in 5 of 66 fresh processes on a busy
 machine some of its results came out one bfloat16 step off (positions 1, 5 and 15 of a
 39-token prefill), enough to change a sampled answer between two runs of the same command. Here
 each position's row is computed once per process in float64 (numpy, no threads), rounded to

@@ -10,6 +10,7 @@ import torch
 
 from .heads import DraftHeads, HeadsConfig
 from .drafting import ReadsLastHidden
+from .rope import RopeTable
 from .types import Lattice
 
 
@@ -29,6 +30,15 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float64, vocab: int = 6
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     return model.requires_grad_(False)
+
+
+def transformers_reads_rope_table(model) -> None:
+    """Make transformers' rotary module in `model` return the fast path's table rows
+    (blockdraft.rope) instead of its per-call cos and sin, so that transformers' forward and the
+    fast path do the same arithmetic and can be compared bit for bit."""
+    rotary = model.get_decoder().rotary_emb
+    table = RopeTable(rotary)
+    rotary.forward = lambda x, position_ids: tuple(t[0] for t in table(position_ids[0], x.dtype))
 
 
 def random_heads(model, num_heads: int, seed: int = 0, chain: bool = False) -> DraftHeads:
